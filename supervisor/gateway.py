@@ -1,0 +1,328 @@
+"""The one door to Docker: every docker-py call, run in worker threads, failures classified.
+
+Nothing else in the package imports docker-py. Calls are blocking, so each runs
+in a worker thread (``anyio.to_thread.run_sync``); failures leave this module
+only as :class:`DockerCallError`, carrying a classified
+:class:`~supervisor.state.DockerFailure` with a remedy for humans.
+
+docker-py creates its client by asking ``/version`` (API version negotiation),
+so :meth:`DockerGateway.open_session` makes a new client on every attempt and
+the version is negotiated, never pinned.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import os
+import time
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Protocol, TypeVar
+
+import anyio
+import anyio.to_thread
+import docker
+import docker.errors
+import docker.tls
+import requests.exceptions
+
+from supervisor.access import Endpoint, process_facts, remedy, socket_facts
+from supervisor.settings import DockerSettings
+from supervisor.state import DockerFailure, ErrorKind
+
+__all__ = [
+    "DockerCallError",
+    "DockerGateway",
+    "DockerSession",
+    "EventStream",
+    "Gateway",
+    "Session",
+    "classify",
+]
+
+T = TypeVar("T")
+
+
+class DockerCallError(Exception):
+    """A Docker call failed; ``failure`` says how, and what to do about it."""
+
+    def __init__(self, failure: DockerFailure) -> None:
+        super().__init__(f"{failure.kind.value}: {failure.message}")
+        self.failure = failure
+
+
+# -- the interface the watcher sees (a fake implements it for unit tests) ------------
+
+
+class EventStream(Protocol):
+    async def next(self) -> object:
+        """The next event as decoded JSON (raw bytes if it does not decode), or None at the end."""
+
+    async def aclose(self) -> None: ...
+
+
+class Session(Protocol):
+    """A live client of one Docker endpoint."""
+
+    version: Mapping[str, Any]
+
+    async def ping(self) -> None: ...
+    async def list_ids(self) -> list[str]: ...
+    async def inspect(self, container_id: str) -> Mapping[str, Any] | None:
+        """The inspect body, or None when the container does not exist (any more)."""
+
+    async def open_events(self) -> EventStream: ...
+    async def aclose(self) -> None: ...
+
+
+class Gateway(Protocol):
+    endpoint: Endpoint
+
+    async def open_session(self) -> Session: ...
+
+
+# -- classification ------------------------------------------------------------------
+
+
+def _chain(exc: BaseException) -> Iterator[BaseException]:
+    """The exception, its causes and contexts, and exceptions nested in ``args``.
+
+    requests and urllib3 wrap the OSError that says what really happened in the
+    ``args`` of their own exceptions rather than in ``__cause__``.
+    """
+    seen: set[int] = set()
+    stack = [exc]
+    while stack:
+        current = stack.pop()
+        if id(current) in seen:
+            continue
+        seen.add(id(current))
+        yield current
+        stack.extend(a for a in current.args if isinstance(a, BaseException))
+        for linked in (current.__context__, current.__cause__):
+            if linked is not None:
+                stack.append(linked)
+
+
+def _status(exc: BaseException) -> tuple[int, str | None] | None:
+    response = getattr(exc, "response", None)
+    code = getattr(response, "status_code", None)
+    if not isinstance(code, int):
+        return None
+    request = getattr(response, "request", None)
+    path = getattr(request, "path_url", None)
+    return code, path if isinstance(path, str) else None
+
+
+def classify(
+    exc: BaseException, endpoint: Endpoint, *, timeout_seconds: float | None = None
+) -> DockerFailure:
+    """Turn any failure of a Docker call into a :class:`DockerFailure` (kind, message, remedy)."""
+    kind = ErrorKind.API_ERROR
+    refused_path: str | None = None
+    chain = list(_chain(exc))
+    for link in chain:
+        status = _status(link)
+        if status and status[0] in (401, 403):
+            kind, refused_path = ErrorKind.FORBIDDEN, status[1]
+            break
+        if isinstance(link, PermissionError) or (
+            isinstance(link, OSError) and link.errno in (errno.EACCES, errno.EPERM)
+        ):
+            kind = ErrorKind.PERMISSION_DENIED
+            break
+        if isinstance(link, FileNotFoundError):
+            kind = ErrorKind.SOCKET_MISSING
+            break
+        if isinstance(link, ConnectionRefusedError):
+            kind = ErrorKind.CONNECTION_REFUSED
+            break
+        if isinstance(link, TimeoutError | requests.exceptions.Timeout):
+            kind = ErrorKind.TIMEOUT
+            break
+    sock = proc = None
+    if kind is ErrorKind.PERMISSION_DENIED and endpoint.socket_path:
+        sock, proc = socket_facts(endpoint.socket_path), process_facts()
+    message = _message(exc, kind, endpoint)
+    return DockerFailure(
+        kind=kind,
+        message=message,
+        remedy=remedy(
+            kind,
+            endpoint,
+            sock=sock,
+            proc=proc,
+            refused_path=refused_path,
+            timeout_seconds=timeout_seconds,
+        ),
+        at=time.time(),
+    )
+
+
+def _message(exc: BaseException, kind: ErrorKind, endpoint: Endpoint) -> str:
+    target = endpoint.socket_path or endpoint.url
+    if kind is ErrorKind.PERMISSION_DENIED:
+        return f"permission denied on {target}"
+    if kind is ErrorKind.SOCKET_MISSING:
+        return f"{target} does not exist"
+    if kind is ErrorKind.CONNECTION_REFUSED:
+        return f"connection refused by {target}"
+    if kind is ErrorKind.TIMEOUT:
+        return f"timed out talking to {target}"
+    text = str(exc).strip() or type(exc).__name__
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
+# -- the real gateway ----------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class DockerGateway:
+    settings: DockerSettings
+    endpoint: Endpoint
+
+    async def open_session(self) -> DockerSession:
+        """Create a client (negotiating the API version) and check Docker answers."""
+        client = await self._run(self._create_client)
+        session = DockerSession(client, self)
+        try:
+            session.version = await session.call(client.version)
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await session.aclose()
+            raise
+        return session
+
+    def _create_client(self) -> Any:
+        s = self.settings
+        url = self.endpoint.url
+        tls: Any = False
+        if s.tls_verify or s.cert_path:
+            cert_path = s.cert_path or os.path.join(os.path.expanduser("~"), ".docker")
+            tls = docker.tls.TLSConfig(
+                client_cert=(
+                    os.path.join(cert_path, "cert.pem"),
+                    os.path.join(cert_path, "key.pem"),
+                ),
+                ca_cert=os.path.join(cert_path, "ca.pem"),
+                verify=s.tls_verify,
+            )
+            if url.startswith("tcp://"):
+                url = "https://" + url[len("tcp://") :]
+        return docker.APIClient(
+            base_url=url,
+            version="auto",
+            timeout=s.call_timeout_seconds,
+            tls=tls,
+            max_pool_size=s.inspect_concurrency + 4,
+        )
+
+    async def _run(self, func: Callable[[], T]) -> T:
+        """Run a blocking call in a worker thread, translating its failure."""
+        with self._translate(self.settings.call_timeout_seconds):
+            # The thread is abandoned on cancellation; the call's own socket timeout
+            # (set on the client) bounds how long it can linger.
+            return await anyio.to_thread.run_sync(func, abandon_on_cancel=True)
+
+    @contextmanager
+    def _translate(self, timeout: float | None) -> Iterator[None]:
+        try:
+            yield
+        except (
+            docker.errors.DockerException,
+            requests.exceptions.RequestException,
+            OSError,
+        ) as exc:
+            raise DockerCallError(classify(exc, self.endpoint, timeout_seconds=timeout)) from exc
+
+
+class DockerSession:
+    """A connected docker-py ``APIClient``; closed with :meth:`aclose`."""
+
+    def __init__(self, client: Any, gateway: DockerGateway) -> None:
+        self._client = client
+        self._gateway = gateway
+        self.version: Mapping[str, Any] = {}
+
+    async def call(self, func: Callable[..., T], *args: Any) -> T:
+        return await self._gateway._run(lambda: func(*args))
+
+    async def ping(self) -> None:
+        with anyio.fail_after(self._gateway.settings.ping_timeout_seconds):
+            await self.call(self._client.ping)
+
+    async def list_ids(self) -> list[str]:
+        rows = await self.call(lambda: self._client.containers(all=True, quiet=True))
+        return [str(row["Id"]) for row in rows]
+
+    async def inspect(self, container_id: str) -> Mapping[str, Any] | None:
+        try:
+            body: Mapping[str, Any] = await self.call(self._client.inspect_container, container_id)
+        except DockerCallError as exc:
+            cause = exc.__cause__
+            if isinstance(cause, docker.errors.NotFound):
+                return None
+            raise
+        return body
+
+    async def open_events(self) -> DockerEventStream:
+        stream = await self.call(
+            lambda: self._client.events(decode=False, filters={"type": ["container"]})
+        )
+        return DockerEventStream(stream, self._gateway)
+
+    async def aclose(self) -> None:
+        await anyio.to_thread.run_sync(self._client.close, abandon_on_cancel=True)
+
+
+class DockerEventStream:
+    """docker-py's blocking event iterator, read one event at a time in a worker thread.
+
+    docker-py gives the stream no read timeout; the watcher's liveness ping closes
+    it when Docker stops answering. ``close()`` from another thread ends the
+    blocked read, which then reports a normal end (None).
+    """
+
+    def __init__(self, stream: Any, gateway: DockerGateway) -> None:
+        self._stream = stream
+        self._gateway = gateway
+        self._closed = False
+        self._buffer = b""
+
+    def _next(self) -> object:
+        # Docker writes one JSON object per line. Split lines ourselves rather than
+        # let docker-py decode, so one malformed line is reported, not fatal.
+        while True:
+            while b"\n" not in self._buffer:
+                try:
+                    chunk = next(self._stream)
+                except StopIteration:
+                    return None
+                self._buffer += chunk.encode() if isinstance(chunk, str) else chunk
+            line, _, self._buffer = self._buffer.partition(b"\n")
+            if not line.strip():
+                continue
+            try:
+                return json.loads(line)
+            except ValueError:
+                return line
+
+    async def next(self) -> object:
+        if self._closed:
+            return None
+        with self._gateway._translate(None):
+            return await anyio.to_thread.run_sync(self._next, abandon_on_cancel=True)
+
+    async def aclose(self) -> None:
+        if not self._closed:
+            self._closed = True
+            with anyio.CancelScope(shield=True):
+                await anyio.to_thread.run_sync(self._close_quietly)
+
+    def _close_quietly(self) -> None:
+        # The stream may already be broken: closing is best effort.
+        with contextlib.suppress(Exception):
+            self._stream.close()
