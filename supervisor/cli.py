@@ -113,9 +113,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         code: int = args.handler(args)
-    except ConfigError as exc:
-        print(f"homelabarr-supervisor: configuration error: {exc}", file=sys.stderr)
+    except BaseException as exc:
+        fatal = _startup_failure(exc)
+        if fatal is None:
+            raise
+        print(f"homelabarr-supervisor: {fatal}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        return 130
     return code
+
+
+def _startup_failure(exc: BaseException) -> str | None:
+    """The message for a configuration or start-up error, wherever it was raised.
+
+    Errors raised inside the daemon's task group arrive wrapped in exception groups.
+    """
+    from supervisor.daemon import StartupError
+
+    if isinstance(exc, ConfigError):
+        return f"configuration error: {exc}"
+    if isinstance(exc, StartupError):
+        return f"cannot start: {exc}"
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            found = _startup_failure(inner)
+            if found is not None:
+                return found
+    return None

@@ -31,6 +31,7 @@ from supervisor.watcher import Watcher
 __all__ = [
     "SHUTDOWN_GRACE_SECONDS",
     "Runtime",
+    "StartupError",
     "build_runtime",
     "join_threads",
     "run_daemon",
@@ -39,6 +40,10 @@ __all__ = [
 
 #: How long the services get to finish after SIGTERM/SIGINT before they are cancelled.
 SHUTDOWN_GRACE_SECONDS = 1.5
+
+
+class StartupError(Exception):
+    """The daemon cannot start (for example, another instance owns the API socket): exit 2."""
 
 
 @dataclass
