@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -73,10 +74,13 @@ def _settings_from(args: argparse.Namespace) -> Settings:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
+    from supervisor.access import resolve_endpoint
     from supervisor.daemon import join_threads, run_daemon
+    from supervisor.privilege import drop_privileges
 
     settings = _settings_from(args)
     configure_logging(settings.log)
+    drop_privileges(settings.process, resolve_endpoint(settings.docker, os.environ))
     anyio.run(run_daemon, settings)
     leftover = join_threads()
     if leftover:
@@ -128,10 +132,11 @@ def _startup_failure(exc: BaseException) -> str | None:
     Errors raised inside the daemon's task group arrive wrapped in exception groups.
     """
     from supervisor.daemon import StartupError
+    from supervisor.privilege import PrivilegeError
 
     if isinstance(exc, ConfigError):
         return f"configuration error: {exc}"
-    if isinstance(exc, StartupError):
+    if isinstance(exc, StartupError | PrivilegeError):
         return f"cannot start: {exc}"
     if isinstance(exc, BaseExceptionGroup):
         for inner in exc.exceptions:

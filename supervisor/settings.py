@@ -158,10 +158,11 @@ class LogSettings:
 
 @dataclass(frozen=True, slots=True)
 class ProcessSettings:
-    """Privilege drop after binding: target user, and whether gid 0 may be kept."""
+    """Privilege drop at start-up (as root): the target user, and how the socket's group is taken."""
 
     user: str = ""
     allow_root_group: bool = False
+    socket_wait_seconds: float = 60.0
 
     def __post_init__(self) -> None:
         _check_section(self)
@@ -331,6 +332,7 @@ _RULES: Final[dict[str, _Rule]] = {
     "metrics.container_labels": _Rule(
         lambda v: all(v) and len(set(v)) == len(v), "a list of distinct, non-empty label keys"
     ),
+    "process.socket_wait_seconds": _Rule(lambda v: v >= 0, "a number of seconds >= 0"),
     "log.level": _Rule(lambda v: v in _LOG_LEVELS, "one of " + ", ".join(_LOG_LEVELS)),
     "log.format": _Rule(lambda v: v in _LOG_FORMATS, "one of " + ", ".join(_LOG_FORMATS)),
 }
