@@ -88,6 +88,18 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_doctor(args: argparse.Namespace) -> int:
+    from supervisor.doctor import diagnose
+
+    settings = _settings_from(args)
+    diagnosis = diagnose(settings.docker, os.environ)
+    if args.json:
+        print(json.dumps(diagnosis.to_json(), indent=2))
+    else:
+        print(diagnosis.render())
+    return 0 if diagnosis.ok else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="homelabarr-supervisor",
@@ -105,6 +117,14 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--log-format", metavar="FORMAT", help="text or json")
     run.add_argument("--user", metavar="NAME|UID", help="drop to this user (started as root)")
     run.set_defaults(handler=_cmd_run)
+
+    doctor = commands.add_parser(
+        "doctor", help="check access to Docker and print the one fix that applies"
+    )
+    doctor.add_argument("--config", metavar="PATH", help="TOML file (default: $SUPERVISOR_CONFIG)")
+    doctor.add_argument("--docker-host", metavar="URL", help="unix:///path or tcp://host:port")
+    doctor.add_argument("--json", action="store_true", help="one JSON object")
+    doctor.set_defaults(handler=_cmd_doctor)
 
     from supervisor import client
 
