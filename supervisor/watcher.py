@@ -32,7 +32,9 @@ connection counts as lost. A stream that simply ends is a loss too.
 While not connected, the socket file is polled (``watch.socket_poll_seconds``);
 any change of its existence, inode, owner, group or mode starts an attempt at
 once instead of waiting for the backoff, so Docker coming back or an operator
-fixing permissions is noticed within a poll interval.
+fixing permissions is noticed within a poll interval. While connected, the same
+poll notices a changed socket and checks access with a fresh connection, since an
+open connection outlives a change of the socket's group or mode.
 """
 
 from __future__ import annotations
@@ -371,8 +373,27 @@ class Watcher:
         )
 
     async def _ping(self, session: Session) -> None:
+        """Prove Docker still answers; re-check access when the socket file changes.
+
+        An open connection survives a change of the socket's group or mode, and
+        even a restarted daemon can leave a stream looking alive for a moment, so
+        a change of the socket file is checked with a fresh connection at once.
+        """
+        baseline = self._socket_print()
+        next_ping = time.monotonic() + self._docker.ping_interval_seconds
         while True:
-            await anyio.sleep(self._docker.ping_interval_seconds)
+            await anyio.sleep(
+                min(self._watch.socket_poll_seconds, self._docker.ping_interval_seconds)
+            )
+            current = self._socket_print()
+            if current != baseline:
+                baseline = current
+                fresh = await self._make_gateway().open_session()  # DockerCallError: lost
+                with anyio.CancelScope(shield=True):
+                    await fresh.aclose()
+            if time.monotonic() < next_ping:
+                continue
+            next_ping = time.monotonic() + self._docker.ping_interval_seconds
             try:
                 await session.ping()
             except TimeoutError:
