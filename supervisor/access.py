@@ -7,6 +7,7 @@ The endpoint and remedy logic is plain code over small fact objects
 
 from __future__ import annotations
 
+import errno
 import grp
 import os
 import pwd
@@ -93,8 +94,17 @@ class SocketFacts:
     mode: int | None = None
     owner: str | None = None
     group: str | None = None
+    #: errno of a failed stat: ENOENT (missing) or EACCES (a directory on the way is closed).
+    stat_errno: int | None = None
+
+    @property
+    def hidden(self) -> bool:
+        """The path cannot be looked at: a parent directory denies this process."""
+        return self.stat_errno in (errno.EACCES, errno.EPERM)
 
     def describe(self) -> str:
+        if self.hidden:
+            return f"{self.path} cannot be reached: a directory on the way denies this process"
         if not self.exists:
             return f"{self.path} does not exist"
         owner = self.owner or str(self.uid)
@@ -129,8 +139,8 @@ class ProcessFacts:
 def socket_facts(path: str) -> SocketFacts:
     try:
         st = os.stat(path)
-    except OSError:
-        return SocketFacts(path, exists=False)
+    except OSError as exc:
+        return SocketFacts(path, exists=False, stat_errno=exc.errno)
     try:
         owner: str | None = pwd.getpwuid(st.st_uid).pw_name
     except KeyError:
@@ -233,6 +243,10 @@ def _permission_remedy(
     path = endpoint.socket_path or endpoint.url
     facts = [f.describe() for f in (sock, proc) if f is not None]
     prefix = "; ".join(facts) + ": " if facts else f"permission denied on {path}: "
+    if sock is not None and sock.hidden:
+        return prefix + (
+            f"make every directory on the way to {path} traversable (chmod o+x) for this process"
+        )
     if sock is None or not sock.exists or sock.gid is None:
         return prefix + "give this process the socket's group (stat -c %g " + path + ")"
     if sock.gid == 0:

@@ -195,7 +195,7 @@ def _connection(endpoint: Endpoint, settings: DockerSettings) -> http.client.HTT
 def _probe(endpoint: Endpoint, settings: DockerSettings) -> EndpointReport:
     sock = socket_facts(endpoint.socket_path) if endpoint.socket_path else None
     report = EndpointReport(endpoint, sock)
-    if sock is not None and not sock.exists:
+    if sock is not None and not sock.exists and not sock.hidden:
         report.checks.append(Check("connect", False, f"{sock.path} does not exist"))
         report.connect_errno = errno.ENOENT
         return report
@@ -278,6 +278,12 @@ def _remedy(report: EndpointReport, proc: ProcessFacts, others: list[EndpointRep
             f'volumes: ["/var/run/docker.sock:{path}"]; or point DOCKER_HOST at the right socket'
         )
     if report.connect_errno in (errno.EACCES, errno.EPERM) and sock is not None:
+        if sock.hidden:
+            return (
+                f"{sock.path} cannot be reached: a directory on the way denies uid {proc.uid}; "
+                "make each directory on the path traversable (chmod o+x), or mount the socket "
+                "somewhere reachable"
+            )
         if sock.path.startswith("/run/user/") and sock.uid is not None and sock.uid != proc.uid:
             return (
                 f"{sock.path} is a rootless Docker socket owned by uid {sock.uid}: run the "

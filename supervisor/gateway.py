@@ -16,6 +16,7 @@ import contextlib
 import errno
 import json
 import os
+import socket
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -186,6 +187,8 @@ class DockerGateway:
 
     async def open_session(self) -> DockerSession:
         """Create a client (negotiating the API version) and check Docker answers."""
+        if self.endpoint.socket_path:
+            await self._run(self._probe_socket)
         client = await self._run(self._create_client)
         session = DockerSession(client, self)
         try:
@@ -195,6 +198,14 @@ class DockerGateway:
                 await session.aclose()
             raise
         return session
+
+    def _probe_socket(self) -> None:
+        """Connect once by hand: the common failures (ENOENT, EACCES, ECONNREFUSED) surface
+        here, where the socket is closed properly; docker-py leaks it on a failed connect."""
+        assert self.endpoint.socket_path is not None
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+            probe.settimeout(self.settings.call_timeout_seconds)
+            probe.connect(self.endpoint.socket_path)
 
     def _create_client(self) -> Any:
         s = self.settings
@@ -269,10 +280,16 @@ class DockerSession:
         return body
 
     async def open_events(self) -> DockerEventStream:
-        stream = await self.call(
-            lambda: self._client.events(decode=False, filters={"type": ["container"]})
-        )
-        return DockerEventStream(stream, self._gateway)
+        def subscribe() -> Any:
+            stream = self._client.events(decode=False, filters={"type": ["container"]})
+            # docker-py streams whatever answers, a proxy's 403 page included.
+            response = stream._response
+            if response.status_code >= 400:
+                response.close()
+                response.raise_for_status()
+            return stream
+
+        return DockerEventStream(await self.call(subscribe), self._gateway)
 
     async def aclose(self) -> None:
         await anyio.to_thread.run_sync(self._client.close, abandon_on_cancel=True)
@@ -323,6 +340,10 @@ class DockerEventStream:
                 await anyio.to_thread.run_sync(self._close_quietly)
 
     def _close_quietly(self) -> None:
-        # The stream may already be broken: closing is best effort.
+        # The stream may already be broken: closing is best effort. docker-py's
+        # close() shuts the socket down, but the fd stays open until the response's
+        # file object is closed too.
         with contextlib.suppress(Exception):
             self._stream.close()
+        with contextlib.suppress(Exception):
+            self._stream._response.close()

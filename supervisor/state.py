@@ -146,8 +146,8 @@ class ConnectionMachine:
         self.backoff = backoff
         self.state = ConnectionState.CONNECTING
         self.since = now
-        #: Consecutive failed attempts since the last success (reset by a long enough
-        #: connected period).
+        #: Failures in a row, counting losses of a connection that did not stay up for
+        #: ``reset_after_seconds``: the exponent of the backoff.
         self.failures = 0
         #: Attempts made in the current run of failures, including the one under way.
         self.attempts = 0
@@ -185,7 +185,8 @@ class ConnectionMachine:
     def succeeded(self, *, now: float) -> None:
         """The attempt under way reached Docker."""
         self.attempt_results["success"] += 1
-        self.failures = 0
+        # ``failures`` is kept: a connection that breaks again at once must not retry
+        # at the initial delay forever. It resets in ``lost`` after a healthy period.
         self.attempts = 0
         self.next_attempt_at = None
         self.connected_since = now
