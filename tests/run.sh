@@ -23,6 +23,7 @@ REQUIRED=(
     node:nodejs
     docker-compose:docker-compose
     debootstrap:debootstrap
+    dpkg:debian-archive-keyring # debootstrap checks bookworm's signatures with it
     dpkg:python3-venv
 )
 # sbin is not on every root PATH (e.g. after a bare `su`).
