@@ -214,6 +214,7 @@ class Watcher:
         self.endpoint: Endpoint | None = None
         self.docker_version: Mapping[str, Any] | None = None
         self._repeats = _RepeatedFailureLog()
+        self._attempt_print: tuple[object, ...] = ()
 
     # -- status --------------------------------------------------------------------
 
@@ -248,14 +249,16 @@ class Watcher:
         task_status.started()
         cause = "start"
         while True:
-            baseline = self._socket_print()
             delay = await self._attempt(cause)
-            cause = await self._wait_for_retry(delay, baseline)
+            cause = await self._wait_for_retry(delay, self._attempt_print)
 
     async def _attempt(self, cause: str) -> float:
         """One attempt and, if it connects, the whole connected period; returns the delay."""
         gateway = self._make_gateway()
         self.endpoint = gateway.endpoint
+        # The socket as this attempt found it: a change from here on is worth a retry.
+        # Taken only now that the endpoint (re-resolved on every attempt) is known.
+        self._attempt_print = self._socket_print()
         self.machine.begin_attempt(now=self._clock(), cause=cause)
         self._transitioned(cause)
         session: Session | None = None
