@@ -34,6 +34,7 @@ __all__ = [
     "MetricsSettings",
     "ProcessSettings",
     "Settings",
+    "StatsSettings",
     "WatchSettings",
     "load_settings",
 ]
@@ -169,6 +170,17 @@ class ProcessSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class StatsSettings:
+    """Live resource stats: how often running containers are sampled, and how many at once."""
+
+    interval_seconds: float = 10.0
+    concurrency: int = 4
+
+    def __post_init__(self) -> None:
+        _check_section(self)
+
+
+@dataclass(frozen=True, slots=True)
 class Settings:
     """The whole configuration. Build it with ``load_settings()``; ``Settings()`` is the defaults."""
 
@@ -179,6 +191,7 @@ class Settings:
     metrics: MetricsSettings = field(default_factory=MetricsSettings)
     log: LogSettings = field(default_factory=LogSettings)
     process: ProcessSettings = field(default_factory=ProcessSettings)
+    stats: StatsSettings = field(default_factory=StatsSettings)
     # Where each non-default value came from; set by load_settings(), not part of equality.
     _sources: Mapping[str, str] = field(default_factory=dict, init=False, repr=False, compare=False)
 
@@ -204,6 +217,7 @@ _SECTIONS: Final[dict[str, type[Any]]] = {
     "metrics": MetricsSettings,
     "log": LogSettings,
     "process": ProcessSettings,
+    "stats": StatsSettings,
 }
 _SECTION_OF: Final[dict[type[Any], str]] = {cls: name for name, cls in _SECTIONS.items()}
 
@@ -333,6 +347,8 @@ _RULES: Final[dict[str, _Rule]] = {
         lambda v: all(v) and len(set(v)) == len(v), "a list of distinct, non-empty label keys"
     ),
     "process.socket_wait_seconds": _Rule(lambda v: v >= 0, "a number of seconds >= 0"),
+    "stats.interval_seconds": _Rule(lambda v: v >= 0, "a number of seconds >= 0 (0 disables)"),
+    "stats.concurrency": _Rule(lambda v: 1 <= v <= 64, "an integer 1..64"),
     "log.level": _Rule(lambda v: v in _LOG_LEVELS, "one of " + ", ".join(_LOG_LEVELS)),
     "log.format": _Rule(lambda v: v in _LOG_FORMATS, "one of " + ", ".join(_LOG_FORMATS)),
 }
