@@ -14,7 +14,7 @@ reconnect (with ``since``, or without to get a fresh snapshot).
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 
 import anyio
 
@@ -73,7 +73,7 @@ async def follow(
     max_lag: int,
     heartbeat_seconds: float,
     clock: Callable[[], float],
-) -> AsyncIterator[bytes]:
+) -> AsyncGenerator[bytes, None]:
     """The NDJSON lines of one event-stream subscriber, until it overflows.
 
     First a ``snapshot`` (or, when ``since`` is still inside the history, the
@@ -83,7 +83,8 @@ async def follow(
     feed.subscribers += 1
     try:
         missed = cache.deltas_since(since) if since is not None else None
-        if missed is None:
+        if missed is None or len(missed) > max_lag:
+            # Too far behind to catch up by deltas: a snapshot costs less than a resync.
             cursor = cache.revision
             yield snapshot_line(cache, machine)
         else:
