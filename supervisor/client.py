@@ -1,16 +1,365 @@
-"""Command-line clients of a running daemon (filled in by the API issue)."""
+"""Command-line clients of a running daemon: ``status``, ``containers``, ``watch``, ``healthcheck``.
+
+They talk to the API over its Unix socket like any other client (a small
+synchronous ``http.client`` connection), print an aligned table or one line per
+event, or the API's JSON with ``--json``. A daemon that cannot be reached is one
+line on stderr and exit code 1.
+"""
 
 from __future__ import annotations
 
 import argparse
-from typing import Any
+import contextlib
+import http.client
+import json
+import socket
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, TextIO
+from urllib.parse import quote, urlencode
 
-__all__ = ["add_commands"]
+from supervisor.records import CONTAINER_STATES
+from supervisor.settings import load_settings
+
+__all__ = ["ApiClient", "ClientError", "add_commands"]
+
+PROG = "homelabarr-supervisor"
+REQUEST_TIMEOUT_SECONDS = 5.0
+
+
+class ClientError(Exception):
+    """Something a human must be told in one line (exit code 1)."""
+
+
+class UnixHTTPConnection(http.client.HTTPConnection):
+    def __init__(self, path: str, timeout: float | None) -> None:
+        super().__init__("localhost", timeout=timeout)
+        self.socket_path = path
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        try:
+            sock.connect(self.socket_path)
+        except BaseException:
+            sock.close()
+            raise
+        self.sock = sock
+
+
+class ApiClient:
+    """A synchronous client of the API's Unix socket, with human error messages."""
+
+    def __init__(self, socket_path: str, timeout: float | None = REQUEST_TIMEOUT_SECONDS) -> None:
+        self.socket_path = socket_path
+        self.timeout = timeout
+
+    @contextlib.contextmanager
+    def _errors(self) -> Iterator[None]:
+        path = self.socket_path
+        try:
+            yield
+        except FileNotFoundError:
+            raise ClientError(
+                f"no socket at {path}: is the supervisor running? (--socket, SUPERVISOR_API_SOCKET)"
+            ) from None
+        except ConnectionRefusedError:
+            raise ClientError(f"nothing listens on {path}: the supervisor is not running") from None
+        except PermissionError:
+            raise ClientError(
+                f"permission denied on {path}: join the socket's group or run as its owner"
+            ) from None
+        except TimeoutError:
+            raise ClientError(
+                f"the supervisor at {path} did not answer within {self.timeout:g} s"
+            ) from None
+        except (OSError, http.client.HTTPException) as exc:
+            raise ClientError(f"lost the connection to the supervisor at {path}: {exc!r}") from None
+
+    def get(self, path: str) -> tuple[int, Any]:
+        """``GET path``: (status, decoded JSON body)."""
+        with self._errors():
+            conn = UnixHTTPConnection(self.socket_path, self.timeout)
+            try:
+                conn.request("GET", path)
+                response = conn.getresponse()
+                body = response.read()
+            finally:
+                conn.close()
+        try:
+            return response.status, json.loads(body)
+        except ValueError:
+            raise ClientError(f"GET {path}: {response.status}, not JSON: {body[:200]!r}") from None
+
+    def get_ok(self, path: str) -> Any:
+        status, body = self.get(path)
+        if status != 200:
+            raise ClientError(_error_message(path, status, body))
+        return body
+
+    def events(self, since: int | None) -> Iterator[dict[str, Any]]:
+        """Follow ``/v1/events`` until the stream ends; yields the decoded lines."""
+        path = "/v1/events" + (f"?since={since}" if since is not None else "")
+        # No read timeout: heartbeats come every api.heartbeat_seconds, but that
+        # value is the daemon's to choose.
+        conn = UnixHTTPConnection(self.socket_path, None)
+        try:
+            with self._errors():
+                conn.request("GET", path)
+                response = conn.getresponse()
+                if response.status != 200:
+                    body = response.read()
+                    try:
+                        decoded = json.loads(body)
+                    except ValueError:
+                        decoded = None
+                    raise ClientError(_error_message(path, response.status, decoded))
+            while True:
+                with self._errors():
+                    line = response.readline()
+                if not line:
+                    return
+                yield json.loads(line)
+        finally:
+            conn.close()
+
+
+def _error_message(path: str, status: int, body: Any) -> str:
+    if isinstance(body, dict) and isinstance(body.get("error"), dict):
+        return f"{body['error'].get('message', '')} ({status})"
+    return f"GET {path}: HTTP {status}"
+
+
+# -- output ----------------------------------------------------------------------------
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """Columns padded to their widest cell, two spaces apart; the last is not padded."""
+    widths = [max([len(h), *(len(r[i]) for r in rows)]) for i, h in enumerate(headers)]
+    lines = []
+    for row in [headers, *rows]:
+        cells = [cell.ljust(width) for cell, width in zip(row, widths, strict=True)]
+        lines.append("  ".join(cells).rstrip())
+    return "\n".join(lines)
+
+
+def _dash(value: object) -> str:
+    return "-" if value is None or value == "" else str(value)
+
+
+def _print_json(value: Any, out: TextIO) -> None:
+    out.write(json.dumps(value, indent=2, ensure_ascii=False) + "\n")
+
+
+def _status_rows(status: dict[str, Any]) -> list[tuple[str, str]]:
+    docker = status.get("docker") or {}
+    error = status.get("error")
+    retry_in = status.get("retry_in")
+    return [
+        ("state", f"{status['state']} since {status['since']}"),
+        ("synced", "yes" if status.get("synced") else "no"),
+        ("docker", _dash(docker.get("host"))),
+        (
+            "docker version",
+            f"{_dash(docker.get('version'))} (API {_dash(docker.get('api_version'))})",
+        ),
+        ("containers", str(status.get("containers"))),
+        ("revision", str(status.get("revision"))),
+        ("attempts", str(status.get("attempts"))),
+        ("retry in", "-" if retry_in is None else f"{retry_in:g} s"),
+        ("error", f"{error['kind']}: {error['message']}" if error else "-"),
+        ("remedy", error["remedy"] if error else "-"),
+    ]
+
+
+# -- commands --------------------------------------------------------------------------
+
+
+def _client(args: argparse.Namespace) -> ApiClient:
+    path = args.socket or load_settings(config_path=args.config).api.socket
+    return ApiClient(path)
+
+
+def _run(handler: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    def run(args: argparse.Namespace) -> int:
+        try:
+            return handler(args)
+        except ClientError as exc:
+            print(f"{PROG}: {exc}", file=sys.stderr)
+            return 1
+        except KeyboardInterrupt:
+            return 130
+        except BrokenPipeError:  # `... | head`
+            with contextlib.suppress(OSError):
+                sys.stdout.close()
+            return 0
+
+    return run
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    status = _client(args).get_ok("/v1/status")
+    if args.json:
+        _print_json(status, sys.stdout)
+    else:
+        rows = _status_rows(status)
+        width = max(len(k) for k, _ in rows)
+        for key, value in rows:
+            print(f"{key.ljust(width)}  {value}")
+    return 0
+
+
+def _containers_query(args: argparse.Namespace) -> str:
+    pairs = [("state", s) for s in args.state or []]
+    pairs += [("label", label) for label in args.label or []]
+    pairs += [("name", name) for name in args.name or []]
+    return f"?{urlencode(pairs, quote_via=quote)}" if pairs else ""
+
+
+def _cmd_containers(args: argparse.Namespace) -> int:
+    body = _client(args).get_ok("/v1/containers" + _containers_query(args))
+    if args.json:
+        _print_json(body, sys.stdout)
+        return 0
+    rows = [
+        (c["name"], c["state"], _dash(c.get("health")), c["image"], c["id"][:12])
+        for c in body["containers"]
+    ]
+    print(table(("NAME", "STATE", "HEALTH", "IMAGE", "ID"), rows))
+    if body.get("stale"):
+        print(
+            f"{PROG}: stale: Docker is {body['state']}; this is the last known state",
+            file=sys.stderr,
+        )
+    return 0
+
+
+class _EventPrinter:
+    """One human line per change: time, revision, what happened."""
+
+    def __init__(self, out: TextIO) -> None:
+        self.out = out
+        self.names: dict[str, str] = {}
+
+    def line(self, event: dict[str, Any]) -> str | None:
+        kind = event.get("type")
+        revision = _dash(event.get("revision"))
+        if kind == "heartbeat":
+            return None
+        if kind == "snapshot":
+            containers = event.get("containers") or []
+            self.names = {c["id"]: c["name"] for c in containers}
+            text = f"{len(containers)} containers, docker {event.get('state')}"
+        elif kind == "upsert":
+            c = event["container"]
+            self.names[c["id"]] = c["name"]
+            text = f"{c['name']:<24}  {c['state']:<10}  {_dash(c.get('health')):<9}  {c['id'][:12]}"
+        elif kind == "remove":
+            cid = str(event.get("id"))
+            text = f"{self.names.pop(cid, '?'):<24}  {'removed':<10}  {'-':<9}  {cid[:12]}"
+        elif kind == "connection":
+            error = event.get("error")
+            text = f"docker {event.get('state')}" + (
+                f"  {error['kind']}: {error['message']}" if error else ""
+            )
+        elif kind == "resync":
+            text = "fell behind; reconnecting for a fresh snapshot"
+        else:
+            text = json.dumps(event)
+        return f"{time.strftime('%H:%M:%S')}  {revision:>13}  {kind:<10}  {text}"
+
+    def show(self, event: dict[str, Any]) -> None:
+        text = self.line(event)
+        if text is not None:
+            self.out.write(text + "\n")
+            self.out.flush()
+
+
+def _cmd_watch(args: argparse.Namespace) -> int:
+    client = _client(args)
+    printer = _EventPrinter(sys.stdout)
+    since: int | None = args.since
+    while True:
+        resync = False
+        for event in client.events(since):
+            if args.json:
+                if event.get("type") != "heartbeat":
+                    sys.stdout.write(json.dumps(event, ensure_ascii=False) + "\n")
+                    sys.stdout.flush()
+            else:
+                printer.show(event)
+            if isinstance(event.get("revision"), int):
+                since = event["revision"]
+            if event.get("type") == "resync":
+                resync = True
+        if not resync:
+            raise ClientError("the supervisor closed the event stream")
+
+
+def _cmd_healthcheck(args: argparse.Namespace) -> int:
+    path = "/v1/ready" if args.ready else "/v1/health"
+    status, body = _client(args).get(path)
+    if args.json:
+        _print_json(body, sys.stdout)
+    elif status == 200:
+        print(f"ok: docker {body.get('state')}")
+    elif isinstance(body, dict) and "state" in body:
+        error = body.get("error")
+        why = f" ({error['kind']}: {error['message']})" if error else ""
+        synced = "" if body.get("synced") else ", not synced"
+        print(f"not ready: docker {body['state']}{synced}{why}")
+    else:
+        print(_error_message(path, status, body))
+    return 0 if status == 200 else 1
 
 
 def add_commands(commands: Any) -> None:
     """Add the client subcommands (status, containers, watch, healthcheck) to ``commands``."""
-    del commands
 
+    def common(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument(
+            "--socket",
+            metavar="PATH",
+            help="the API's Unix socket (default: api.socket from --config or SUPERVISOR_API_SOCKET)",
+        )
+        parser.add_argument(
+            "--config",
+            metavar="PATH",
+            help="TOML file to take api.socket from ($SUPERVISOR_CONFIG)",
+        )
+        parser.add_argument("--json", action="store_true", help="print the API's JSON")
 
-_ = argparse
+    status = commands.add_parser("status", help="where the supervisor stands with Docker")
+    common(status)
+    status.set_defaults(handler=_run(_cmd_status))
+
+    containers = commands.add_parser("containers", help="list the mirrored containers")
+    common(containers)
+    containers.add_argument(
+        "--state", action="append", choices=CONTAINER_STATES, help="only this state (repeatable)"
+    )
+    containers.add_argument(
+        "--label",
+        action="append",
+        metavar="KEY[=VALUE]",
+        help="only containers with this label (repeatable; all must match)",
+    )
+    containers.add_argument(
+        "--name", action="append", metavar="TEXT", help="only names containing TEXT (repeatable)"
+    )
+    containers.set_defaults(handler=_run(_cmd_containers))
+
+    watch = commands.add_parser("watch", help="follow the changes, one line each")
+    common(watch)
+    watch.add_argument("--since", type=int, metavar="REVISION", help="resume after this revision")
+    watch.set_defaults(handler=_run(_cmd_watch))
+
+    healthcheck = commands.add_parser(
+        "healthcheck", help="exit 0 when the daemon answers (--ready: and is synced with Docker)"
+    )
+    common(healthcheck)
+    healthcheck.add_argument(
+        "--ready", action="store_true", help="require a connection to Docker and a synced mirror"
+    )
+    healthcheck.set_defaults(handler=_run(_cmd_healthcheck))
