@@ -461,3 +461,40 @@ def test_doctor_names_the_missing_proxy_permission(haproxy: Callable[[bool], str
     checks = {c["name"]: c for c in report["endpoint"]["checks"]}  # type: ignore[index]
     assert checks["events"]["status"] == 403
     assert checks["ping"]["ok"] and checks["list"]["ok"]
+
+
+# -- recovery without restart, as an unprivileged process ----------------------------
+
+
+def test_non_root_recovers_when_the_socket_group_is_fixed(
+    private_dockerd: object, unprivileged_runtime: object, short_tmp: Path
+) -> None:
+    """uid 65534 without the socket's group: denied naming the GID; chgrp to its group: connected; back: denied."""
+    from tests.daemon_proc import SupervisorProcess
+
+    sock = Path(private_dockerd.socket_path)  # type: ignore[attr-defined]
+    docker_gid = sock.stat().st_gid
+    sock.parent.chmod(0o711)  # let uid 65534 reach the socket; its mode still decides
+    short_tmp.chmod(0o777)
+    with SupervisorProcess(
+        private_dockerd.host,  # type: ignore[attr-defined]
+        short_tmp / "api.sock",
+        python=unprivileged_runtime.python,  # type: ignore[attr-defined]
+        env=unprivileged_runtime.env,  # type: ignore[attr-defined]
+        user=65534,
+        group=65534,
+        extra_args=["--log-level", "DEBUG"],
+    ) as sup:
+        status = sup.wait_for(lambda s: s["state"] == "denied", timeout=10)
+        assert status["error"]["kind"] == "permission_denied"
+        assert f'group_add: ["{docker_gid}"]' in status["error"]["remedy"]
+        assert "uid 65534" in status["error"]["remedy"]
+
+        os.chown(sock, -1, 65534)
+        status = sup.wait_for(lambda s: s["state"] == "connected" and s["synced"], timeout=5)
+        assert status["error"] is None
+
+        os.chown(sock, -1, docker_gid)
+        status = sup.wait_for(lambda s: s["state"] == "denied", timeout=5)
+        assert status["error"]["kind"] == "permission_denied"
+        assert sup.stop() == 0
