@@ -277,6 +277,11 @@ class Watcher:
             self._repeats.reset()
             self._transitioned("connected")
             failure = await self._connected(session, stream, listed)
+            if failure.kind is ErrorKind.API_ERROR:
+                # A stream that ended, or a call cut off mid-answer (Docker killed while
+                # replying reads as a garbled response), says little: a fresh connection
+                # tells whether Docker is gone or refusing us, and the remedy follows.
+                failure = await self._ask_docker(failure)
             self.synced = False
             delay = self.machine.lost(failure, now=self._clock())
             self._failed(failure)
@@ -344,7 +349,14 @@ class Watcher:
         while True:
             raw = await stream.next()
             if raw is None:
-                raise _ConnectionLost(await self._why_stream_ended())
+                raise _ConnectionLost(
+                    DockerFailure(
+                        ErrorKind.API_ERROR,
+                        "Docker closed the event stream",
+                        "none needed: the supervisor resubscribes by itself",
+                        self._clock(),
+                    )
+                )
             try:
                 event = parse_event(raw)
             except MalformedEvent as exc:
@@ -360,20 +372,15 @@ class Watcher:
             elif event.effect is Effect.INSPECT:
                 inspector.request(event.container_id, event.time)
 
-    async def _why_stream_ended(self) -> DockerFailure:
-        """The stream ended without an error: ask Docker (a fresh client) what is going on."""
+    async def _ask_docker(self, failure: DockerFailure) -> DockerFailure:
+        """``failure``, unless a fresh connection shows Docker is gone or refuses us."""
         try:
             session = await self._make_gateway().open_session()
         except DockerCallError as exc:
             return exc.failure
         with anyio.CancelScope(shield=True):
             await session.aclose()
-        return DockerFailure(
-            ErrorKind.API_ERROR,
-            "Docker closed the event stream",
-            "none needed: the supervisor resubscribes by itself",
-            self._clock(),
-        )
+        return failure
 
     async def _ping(self, session: Session) -> None:
         """Prove Docker still answers; re-check access when the socket file changes.

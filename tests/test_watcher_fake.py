@@ -364,6 +364,23 @@ async def test_inspect_failure_loses_the_connection_then_resyncs() -> None:
         assert cache_state(watcher.cache) == docker.truth()
 
 
+async def test_call_cut_off_by_a_vanished_docker_says_why() -> None:
+    """An inspect garbled by Docker dying mid-answer is reported as what a fresh connect finds."""
+    docker = populated()
+    watcher, _ = make_watcher(docker)
+    async with running(watcher):
+        await quiesce(watcher, docker)
+        docker.inspect_failure = failure(ErrorKind.API_ERROR, "Connection broken: IncompleteRead")
+        docker.refuse = failure(ErrorKind.CONNECTION_REFUSED, "connection refused by /x")
+        docker.start(sorted(docker.containers)[0])
+        await wait_until(lambda: watcher.machine.state is not S.CONNECTED)
+        assert watcher.machine.last_error is not None
+        assert watcher.machine.last_error.kind is ErrorKind.CONNECTION_REFUSED
+        assert watcher.machine.transition_counts[(S.CONNECTED, S.BACKING_OFF)] == 1
+        docker.inspect_failure = docker.refuse = None
+        await quiesce(watcher, docker)
+
+
 async def test_list_failure_is_a_failed_attempt() -> None:
     """A list that fails after the subscription is a failed attempt; the subscription is closed."""
     docker = populated()
