@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import shutil
 import statistics
 import subprocess
 import time
@@ -504,6 +505,8 @@ def test_rendering_1000_containers_takes_a_few_milliseconds() -> None:
 
 def promtool_problems(body: bytes) -> list[str]:
     """promtool check metrics' findings; a parse error fails the test."""
+    if shutil.which("promtool") is None:
+        pytest.fail("promtool is missing: run tests/run.sh (it installs Debian's prometheus)")
     done = subprocess.run(
         ["promtool", "check", "metrics"], input=body, capture_output=True, timeout=30, check=False
     )
