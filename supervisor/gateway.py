@@ -28,6 +28,7 @@ import anyio.to_thread
 import docker
 import docker.errors
 import docker.tls
+import docker.utils
 import requests.exceptions
 
 from supervisor.access import Endpoint, process_facts, remedy, socket_facts
@@ -74,6 +75,9 @@ class Session(Protocol):
     async def list_ids(self) -> list[str]: ...
     async def inspect(self, container_id: str) -> Mapping[str, Any] | None:
         """The inspect body, or None when the container does not exist (any more)."""
+
+    async def stats(self, container_id: str) -> Mapping[str, Any] | None:
+        """One stats sample (no stream), or None when the container is gone or not running."""
 
     async def open_events(self) -> EventStream: ...
     async def aclose(self) -> None: ...
@@ -275,6 +279,23 @@ class DockerSession:
         except DockerCallError as exc:
             cause = exc.__cause__
             if isinstance(cause, docker.errors.NotFound):
+                return None
+            raise
+        return body
+
+    async def stats(self, container_id: str) -> Mapping[str, Any] | None:
+        # One-shot (API >= 1.41) answers at dockerd's next collection tick (up to 1 s);
+        # without it, Docker waits for two ticks to fill in precpu_stats, which we do not use.
+        one_shot = not docker.utils.version_lt(self._client.api_version, "1.41")
+        try:
+            body: Mapping[str, Any] = await self.call(
+                lambda: self._client.stats(container_id, stream=False, one_shot=one_shot or None)
+            )
+        except DockerCallError as exc:
+            cause = exc.__cause__
+            if isinstance(cause, docker.errors.NotFound) or (
+                isinstance(cause, docker.errors.APIError) and cause.status_code == 409
+            ):
                 return None
             raise
         return body

@@ -3,8 +3,9 @@
 Theory of operation
 -------------------
 Every ``stats.interval_seconds`` (0 disables the sampler), while the connection
-state machine says ``connected``, one **round** samples every container the
-mirror shows as running:
+state machine says ``connected`` and the mirror is synced (so that the first round
+after a connect sees every container, not the part the resync has inspected so
+far), one **round** samples every container the mirror shows as running:
 
 1. the round takes the running records of the cache (id and ``started_at``: the
    run a sample belongs to) and opens a **short-lived session** through the
@@ -76,14 +77,18 @@ class Sampler:
         machine: ConnectionMachine,
         make_gateway: Callable[[], Gateway],
         settings: StatsSettings,
+        synced: Callable[[], bool] = lambda: True,
         feed: ChangeFeed | None = None,
         registry: CollectorRegistry | None = None,
     ) -> None:
+        """``synced`` tells whether the mirror is reconciled (the watcher's ``synced``);
+        ``feed`` wakes the sampler on mirror changes; ``registry`` receives the histogram."""
         self.store = store
         self._cache = cache
         self._machine = machine
         self._make_gateway = make_gateway
         self._settings = settings
+        self._synced = synced
         self._feed = feed
         #: Time per complete round; registered on ``registry`` when one is given.
         self.duration = Histogram(
@@ -108,7 +113,7 @@ class Sampler:
             logger.info("live stats disabled (stats.interval_seconds = 0)")
             return
         while True:
-            while not self._machine.connected:
+            while not (self._machine.connected and self._synced()):
                 await self._wait(_IDLE_POLL_SECONDS)
             started = time.monotonic()
             await self.sample_round()

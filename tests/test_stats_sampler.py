@@ -142,6 +142,7 @@ class Rig:
         registry: CollectorRegistry | None = None,
     ) -> None:
         self.docker = FakeStatsDocker()
+        self.synced = True
         self.cache = Cache(64, initial_revision=1)
         self.ids = [f"{i:02d}" + "f" * 62 for i in range(len(names))]
         for cid, name in zip(self.ids, names, strict=True):
@@ -157,6 +158,7 @@ class Rig:
             machine=self.machine,
             make_gateway=self.docker.gateway,
             settings=StatsSettings(interval_seconds=interval, concurrency=concurrency),
+            synced=lambda: self.synced,
             feed=self.feed,
             registry=registry,
         )
@@ -334,6 +336,20 @@ async def test_serve_pauses_while_disconnected_and_resumes() -> None:
         rig.machine.succeeded(now=time.time())
         rig.feed.notify()
         await wait_until(lambda: rig.sampler.rounds >= 1)
+        tg.cancel_scope.cancel()
+
+
+async def test_serve_waits_for_the_mirror_to_be_synced() -> None:
+    """Connected but not yet synced (resync under way): the first round waits for it."""
+    rig = Rig("web", interval=600)
+    rig.synced = False
+    async with anyio.create_task_group() as tg:
+        await tg.start(rig.sampler.serve)
+        await anyio.sleep(0.2)
+        assert rig.docker.sessions_opened == 0
+        rig.synced = True
+        rig.feed.notify()  # the watcher notifies when the resync ends
+        await wait_until(lambda: rig.sampler.rounds == 1, within=2)
         tg.cancel_scope.cancel()
 
 
