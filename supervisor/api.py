@@ -71,6 +71,9 @@ __all__ = [
 JSON: Final = "application/json"
 NDJSON: Final = "application/x-ndjson"
 _RECEIVE_BYTES: Final = 65536
+#: After an error answer: how long, and how much, to read and drop before closing.
+_LINGER_SECONDS: Final = 1.0
+_LINGER_BYTES: Final = 1 << 20
 _UCRED: Final = struct.Struct("3i")  # struct ucred: pid, uid, gid
 _SOCKET_DIR_MODE: Final = 0o750
 #: Status → the ``code`` of the JSON error body.
@@ -84,6 +87,7 @@ _ERROR_CODES: Final[Mapping[int, str]] = {
     413: "body_too_large",
     431: "head_too_large",
     500: "internal_error",
+    501: "not_implemented",
     503: "unavailable",
 }
 
@@ -465,6 +469,7 @@ class _Connection:
             except HttpError as exc:  # the request itself was unacceptable
                 with contextlib.suppress(_Closed, h11.LocalProtocolError):
                     await self._respond(OTHER_ROUTE, exc.response(), force_close=True)
+                    await self._linger()
                 return
             except _Closed:
                 return
@@ -570,6 +575,23 @@ class _Connection:
                 return
             else:  # pragma: no cover - h11 sends nothing else in SEND_BODY
                 raise HttpError(400, f"unexpected {type(event).__name__}", close=True)
+
+    async def _linger(self) -> None:
+        """Half-close, then drop what the peer still sends, for a bounded time and size.
+
+        Closing a socket with unread input makes the kernel reset the connection, and
+        a reset can reach the client before it has read our answer (TCP), or replace
+        the end of the stream by an error (Unix sockets).
+        """
+        with contextlib.suppress(OSError):
+            self.stream.sock.shutdown(socket.SHUT_WR)
+        drained = 0
+        with anyio.move_on_after(_LINGER_SECONDS):
+            while drained < _LINGER_BYTES:
+                data = await self.stream.receive()
+                if not data:
+                    return
+                drained += len(data)
 
     # -- writing -----------------------------------------------------------------------
 

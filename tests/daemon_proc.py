@@ -12,6 +12,7 @@ SIGKILL if it must.
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import os
@@ -86,7 +87,14 @@ def iter_lines(response: http.client.HTTPResponse) -> Iterator[dict[str, Any]]:
 
 
 class SupervisorProcess:
-    """``python -m supervisor run`` as a child process, ready once ``/v1/health`` answers."""
+    """``python -m supervisor run`` as a child process, ready once ``/v1/health`` answers.
+
+    ``env`` replaces the environment (default: this one without ``SUPERVISOR_*`` and
+    ``DOCKER_*``, with the checkout on ``PYTHONPATH``); ``extra_env`` is added to it,
+    e.g. ``{"SUPERVISOR_API_IDLE_TIMEOUT_SECONDS": "2"}``. ``user``/``group`` run the
+    daemon as another uid/gid (with ``python`` and ``env`` from the
+    ``unprivileged_runtime`` fixture).
+    """
 
     def __init__(
         self,
@@ -96,6 +104,7 @@ class SupervisorProcess:
         metrics_listen: str | None = None,
         extra_args: Sequence[str] = (),
         env: Mapping[str, str] | None = None,
+        extra_env: Mapping[str, str] | None = None,
         python: str | None = None,
         user: int | str | None = None,
         group: int | str | None = None,
@@ -113,6 +122,7 @@ class SupervisorProcess:
             self.env["PYTHONPATH"] = os.pathsep.join(
                 p for p in (str(REPO), base.get("PYTHONPATH", "")) if p
             )
+        self.env.update(extra_env or {})
         self.python = python or sys.executable
         self.argv = [
             self.python, "-m", "supervisor", "run",
@@ -304,6 +314,28 @@ class SupervisorProcess:
 
     def fd_count(self) -> int:
         return len(os.listdir(f"/proc/{self.pid}/fd"))
+
+    def api_connections(self) -> int:
+        """Connections the daemon holds open on its API socket (the listener not counted).
+
+        Accepted sockets carry the listener's path in /proc/net/unix, so the daemon's
+        socket inodes with that path are the listener plus one per connection.
+        """
+        inodes = set()
+        for fd in os.listdir(f"/proc/{self.pid}/fd"):
+            with contextlib.suppress(OSError):
+                target = os.readlink(f"/proc/{self.pid}/fd/{fd}")
+                if target.startswith("socket:["):
+                    inodes.add(target[8:-1])
+        path = str(self.socket)
+        count = 0
+        with open("/proc/net/unix") as table:
+            next(table)
+            for line in table:
+                fields = line.split()
+                if len(fields) >= 8 and fields[7] == path and fields[6] in inodes:
+                    count += 1
+        return max(0, count - 1)
 
     def rss_bytes(self) -> int:
         for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
