@@ -40,10 +40,12 @@ from supervisor.cache import Cache, dumps
 from supervisor.records import ContainerRecord, parse_rfc3339, rfc3339
 
 __all__ = [
+    "STATS_FAMILIES",
     "STATS_FIELDS",
     "StatsSample",
     "StatsStore",
     "collect",
+    "describe",
     "sample_from_stats",
 ]
 
@@ -353,7 +355,8 @@ STATS_FAMILIES: tuple[tuple[str, str, bool], ...] = (
 )
 
 
-def _families() -> list[Metric]:
+def describe() -> list[Metric]:
+    """The stats families without samples (a collector's ``describe()``)."""
     return [
         CounterMetricFamily(_PREFIX + suffix, doc)
         if counter
@@ -385,7 +388,7 @@ def collect(
     series per name (the first record of a name wins, as names are unique while
     running).
     """
-    cpu, usage, limit, rx, tx = families = _families()
+    cpu, usage, limit, rx, tx = families = describe()
     seen: set[str] = set()
     for record in _running(cache):
         sample = store.get(record.id)

@@ -20,7 +20,14 @@ from prometheus_client.registry import Collector
 
 from supervisor.cache import Cache
 from supervisor.records import ContainerRecord, parse_rfc3339, record_from_inspect
-from supervisor.stats import STATS_FIELDS, StatsSample, StatsStore, collect, sample_from_stats
+from supervisor.stats import (
+    STATS_FIELDS,
+    StatsSample,
+    StatsStore,
+    collect,
+    describe,
+    sample_from_stats,
+)
 
 BODIES: dict[str, Any] = json.loads(
     (Path(__file__).with_name("test_stats_bodies.json")).read_text(encoding="utf-8")
@@ -531,3 +538,15 @@ def test_sample_is_immutable() -> None:
     assert isinstance(sample, StatsSample)
     with pytest.raises(AttributeError):
         sample.pids = 1  # type: ignore[misc]
+
+
+def test_describe_names_the_families_collect_fills() -> None:
+    """describe() gives the same five families as collect(), empty, for registry checks."""
+    cid = "a" * 64
+    cache, store = make_store(record(cid, "web"))
+    store.update(cid, v2_body(), started_at=STARTED)
+    described = describe()
+    collected = collect(store, cache)
+    assert [(m.name, m.type) for m in described] == [(m.name, m.type) for m in collected]
+    assert all(not m.samples for m in described)
+    assert all(m.samples for m in collected)
