@@ -294,14 +294,14 @@ def test_resume_with_since_gets_exactly_the_missed_deltas(
         final = settle(supervisor, docker_api)
         assert final["revision"] > snapshot["revision"]
 
-        missed_live = []
+        missed_live: list[dict[str, Any]] = []
         while not missed_live or missed_live[-1]["revision"] < final["revision"]:
             line = next_line(live)
             if line["type"] in ("upsert", "remove"):
                 missed_live.append(line)
 
         conn, response = supervisor.open_events(f"since={snapshot['revision']}")
-        resumed = []
+        resumed: list[dict[str, Any]] = []
         while not resumed or resumed[-1]["revision"] < final["revision"]:
             line = next_line(response)
             assert line["type"] in ("upsert", "remove", "heartbeat"), line

@@ -205,7 +205,7 @@ def test_node_client_lists_follows_and_resumes(
             final = settle(sup, docker_api)
             proxy.listen()
             out.expect(lambda x: x == f"subscribed since={last_seen}")
-            resumed = []
+            resumed: list[str] = []
             while not resumed or int(fields(resumed[-1])["revision"]) < final["revision"]:
                 line = out.expect(lambda x: not x.startswith("heartbeat "))
                 assert line.startswith(("upsert ", "remove ")), line
