@@ -89,7 +89,12 @@ class NullObserver:
 
 
 def _fingerprint(paths: Iterable[str]) -> tuple[object, ...]:
-    """What identifies the socket files right now: gone, or (inode, owner, group, mode)."""
+    """What identifies the socket files right now: gone, or (inode, owner, group, mode, ctime).
+
+    The change time is what tells a replaced socket apart: a dockerd restarted after
+    ``kill -9`` unlinks the stale file and binds a new one, which often gets the same
+    inode number back, with the same owner, group and mode.
+    """
     prints: list[object] = []
     for path in paths:
         try:
@@ -97,7 +102,7 @@ def _fingerprint(paths: Iterable[str]) -> tuple[object, ...]:
         except OSError as exc:
             prints.append(exc.errno)
         else:
-            prints.append((st.st_dev, st.st_ino, st.st_uid, st.st_gid, st.st_mode))
+            prints.append((st.st_dev, st.st_ino, st.st_uid, st.st_gid, st.st_mode, st.st_ctime_ns))
     return tuple(prints)
 
 
