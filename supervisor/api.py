@@ -32,6 +32,7 @@ are closed at once, so the ones already open are not slowed.
 from __future__ import annotations
 
 import contextlib
+import functools
 import grp
 import http
 import os
@@ -297,29 +298,61 @@ class _Socket:
         sock.setblocking(False)
         self.sock = sock
 
-    async def receive(self, max_bytes: int = _RECEIVE_BYTES) -> bytes:
-        """Up to ``max_bytes``; ``b""`` when the peer closed or reset the connection."""
-        await anyio.lowlevel.checkpoint()
-        while True:
-            try:
-                return self.sock.recv(max_bytes)
-            except BlockingIOError:
-                await anyio.wait_readable(self.sock)
-            except OSError:
-                return b""
+    async def receive(self, deadline: float | None = None) -> bytes:
+        """Up to 64 KiB; ``b""`` when the peer closed or reset the connection.
 
-    async def send(self, data: bytes) -> None:
-        await anyio.lowlevel.checkpoint()
+        Raises ``TimeoutError`` when nothing arrives before ``deadline``
+        (``time.monotonic()``). Timers and yields cost only when there is a wait.
+        """
+        try:
+            data = self.sock.recv(_RECEIVE_BYTES)
+        except BlockingIOError:
+            pass
+        except OSError:
+            return b""
+        else:
+            await anyio.lowlevel.checkpoint()  # the peer is ahead of us: let others run
+            return data
+        scope = (
+            anyio.fail_after(max(0.0, deadline - time.monotonic()))
+            if deadline is not None
+            else contextlib.nullcontext()
+        )
+        with scope:
+            while True:
+                await anyio.wait_readable(self.sock)
+                try:
+                    return self.sock.recv(_RECEIVE_BYTES)
+                except BlockingIOError:
+                    continue
+                except OSError:
+                    return b""
+
+    async def send(self, data: bytes, stall_seconds: float) -> None:
+        """Write all of ``data``; raises :class:`_Closed` on error or when stuck ``stall_seconds``.
+
+        The timer is only set up when the kernel cannot take everything at once.
+        """
         view = memoryview(data)
-        while view:
-            try:
-                sent = self.sock.send(view)
-            except BlockingIOError:
+        try:
+            view = view[self.sock.send(view) :]
+        except BlockingIOError:
+            pass
+        except OSError:
+            raise _Closed from None
+        if not view:
+            return
+        with anyio.move_on_after(stall_seconds):
+            while view:
                 await anyio.wait_writable(self.sock)
-            except OSError:
-                raise _Closed from None
-            else:
-                view = view[sent:]
+                try:
+                    view = view[self.sock.send(view) :]
+                except BlockingIOError:
+                    continue
+                except OSError:
+                    raise _Closed from None
+        if view:
+            raise _Closed
 
     def close(self) -> None:
         self.sock.close()
@@ -438,6 +471,7 @@ def _refusal_bytes() -> bytes:
     return (head or b"") + body
 
 
+@functools.cache
 def _reason(status: int) -> bytes:
     try:
         return http.HTTPStatus(status).phrase.encode()
@@ -455,6 +489,8 @@ class _Connection:
         self.peer = peer_of(stream.sock)
         self.h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=self.limits.max_head_bytes)
         self.started = time.perf_counter()
+        # The first request's head is timed from the accept.
+        self.head_deadline = time.monotonic() + self.limits.head_timeout_seconds
         self.method = ""
         self.peer_gone = False
 
@@ -494,41 +530,40 @@ class _Connection:
                 message = f"malformed request: {exc}"
             raise HttpError(status, message, close=True) from None
 
-    async def _receive(self) -> None:
-        data = await self.stream.receive()
+    async def _receive(self, deadline: float | None) -> None:
+        data = await self.stream.receive(deadline)
         if not data:
             raise _Closed
         self.h11.receive_data(data)
 
     async def _read_request(self, first: bool) -> Request | None:
+        limits = self.limits
         event = self._next_event()
         if event is h11.NEED_DATA and not first:
             # Keep-alive: wait for the next request's first byte, then time its head.
-            with anyio.move_on_after(self.limits.idle_timeout_seconds) as idle:
-                await self._receive()
-            if idle.cancelled_caught:
+            try:
+                await self._receive(time.monotonic() + limits.idle_timeout_seconds)
+            except TimeoutError:
                 return None
-            self.started = time.perf_counter()
             event = self._next_event()
-        elif not first:
+        if not first:
             self.started = time.perf_counter()
+            self.head_deadline = time.monotonic() + limits.head_timeout_seconds
         try:
-            with anyio.fail_after(self.limits.head_timeout_seconds):
-                while event is h11.NEED_DATA:
-                    await self._receive()
-                    event = self._next_event()
-                if isinstance(event, h11.ConnectionClosed):
-                    return None
-                if not isinstance(event, h11.Request):  # pragma: no cover - h11 guarantees it
-                    raise HttpError(400, f"unexpected {type(event).__name__}", close=True)
-                request = self._check_head(event)
-                await self._drain_body()
+            while event is h11.NEED_DATA:
+                await self._receive(self.head_deadline)
+                event = self._next_event()
+            if isinstance(event, h11.ConnectionClosed):
+                return None
+            if not isinstance(event, h11.Request):  # pragma: no cover - h11 guarantees it
+                raise HttpError(400, f"unexpected {type(event).__name__}", close=True)
+            request = self._check_head(event)
+            await self._drain_body(self.head_deadline)
         except TimeoutError:
             raise HttpError(
-                408,
-                f"request not received within {self.limits.head_timeout_seconds:g} s",
-                close=True,
+                408, f"request not received within {limits.head_timeout_seconds:g} s", close=True
             ) from None
+        self.started = time.perf_counter()
         return request
 
     def _check_head(self, event: h11.Request) -> Request:
@@ -554,7 +589,7 @@ class _Connection:
         self.method = event.method.decode("ascii")
         return Request(self.method, path, tuple(pairs), self.peer)
 
-    async def _drain_body(self) -> None:
+    async def _drain_body(self, deadline: float) -> None:
         """Read and drop the request body (no endpoint takes one), bounded in size."""
         if self.h11.client_is_waiting_for_100_continue:
             await self._send(self.h11.send(h11.InformationalResponse(status_code=100, headers=[])))
@@ -562,7 +597,7 @@ class _Connection:
         while True:
             event = self._next_event()
             if event is h11.NEED_DATA:
-                await self._receive()
+                await self._receive(deadline)
             elif isinstance(event, h11.Data):
                 size += len(event.data)
                 if size > self.limits.max_body_bytes:
@@ -588,7 +623,7 @@ class _Connection:
         drained = 0
         with anyio.move_on_after(_LINGER_SECONDS):
             while drained < _LINGER_BYTES:
-                data = await self.stream.receive()
+                data = await self.stream.receive(None)
                 if not data:
                     return
                 drained += len(data)
@@ -598,11 +633,7 @@ class _Connection:
     async def _send(self, data: bytes | None) -> None:
         if not data:
             return
-        try:
-            with anyio.fail_after(self.limits.idle_timeout_seconds):
-                await self.stream.send(data)
-        except TimeoutError:
-            raise _Closed from None
+        await self.stream.send(data, self.limits.idle_timeout_seconds)
 
     async def _answer(self, request: Request) -> bool:
         """Answer one request; whether the connection may serve another."""
@@ -667,7 +698,7 @@ class _Connection:
         """
         received = 0
         while received <= self.limits.max_head_bytes:
-            data = await self.stream.receive()
+            data = await self.stream.receive(None)
             if not data:
                 break
             received += len(data)
