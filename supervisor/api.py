@@ -297,6 +297,8 @@ class _Socket:
     def __init__(self, sock: socket.socket) -> None:
         sock.setblocking(False)
         self.sock = sock
+        #: A write is under way, begun but not finished.
+        self.partial = False
 
     async def receive(self, deadline: float | None = None) -> bytes:
         """Up to 64 KiB; ``b""`` when the peer closed or reset the connection.
@@ -342,6 +344,7 @@ class _Socket:
             raise _Closed from None
         if not view:
             return
+        self.partial = True  # stays set if we are cancelled half-way
         with anyio.move_on_after(stall_seconds):
             while view:
                 await anyio.wait_writable(self.sock)
@@ -353,6 +356,7 @@ class _Socket:
                     raise _Closed from None
         if view:
             raise _Closed
+        self.partial = False
 
     def close(self) -> None:
         self.sock.close()
@@ -687,8 +691,19 @@ class _Connection:
                     await self._send(self.h11.send(h11.EndOfMessage()))
                 except _Closed:
                     self.peer_gone = True
+                except anyio.get_cancelled_exc_class():
+                    if not self.peer_gone:  # shutting down: end the body cleanly if we can
+                        self._end_stream_now()
+                    raise
                 tg.cancel_scope.cancel()
         return not self.peer_gone
+
+    def _end_stream_now(self) -> None:
+        """Best effort, without waiting: the terminating chunk, unless a write was cut short."""
+        if self.stream.partial:
+            return
+        with contextlib.suppress(h11.LocalProtocolError, OSError):
+            self.stream.sock.send(self.h11.send(h11.EndOfMessage()) or b"")
 
     async def _watch_peer(self, scope: anyio.CancelScope) -> None:
         """While streaming: notice at once when the peer goes away.

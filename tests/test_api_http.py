@@ -409,6 +409,7 @@ async def test_cancel_closes_connections_and_removes_the_socket(short_tmp: Path)
             scope.cancel()
             with anyio.fail_after(5):
                 await finished.wait()
+                assert await subscriber.line() is None  # the body ended cleanly
                 for stream in (client.stream, subscriber.stream):
                     with pytest.raises((anyio.EndOfStream, anyio.BrokenResourceError)):
                         await stream.receive()
