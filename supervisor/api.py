@@ -3,10 +3,11 @@
 Two layers, kept apart:
 
 * **The HTTP machinery** (:class:`HttpServer`): an accept loop with a connection
-  cap and, per connection, an h11 state machine fed from an anyio stream. It
-  enforces every transport limit of ``api.*`` and knows nothing of containers: it
-  turns bytes into a :class:`Request`, hands it to a :class:`Router`, and writes
-  back the :class:`Response` or :class:`StreamResponse`.
+  cap and, per connection, an h11 state machine fed from a non-blocking socket
+  (anyio's ``wait_readable``/``wait_writable``; see :class:`_Socket` for why not
+  anyio's streams). It enforces every transport limit of ``api.*`` and knows
+  nothing of containers: it turns bytes into a :class:`Request`, hands it to a
+  :class:`Router`, and writes back the :class:`Response` or :class:`StreamResponse`.
 * **The routes** (:class:`ApiApp`, :class:`MetricsApp`): handlers that read the
   cache, the connection state machine and the change feed. Nothing here calls
   Docker.
@@ -25,8 +26,9 @@ Timers of one connection
 
 Limits that end a request with an answer and a close: a head over
 ``max_head_bytes`` (431), a body over ``max_body_bytes`` (413), anything h11
-cannot parse (400). Connections beyond ``max_connections`` get one 503 line and
-are closed at once, so the ones already open are not slowed.
+cannot parse (400). After such an answer the connection lingers (bounded) so the
+answer is not lost to a reset. Connections beyond ``max_connections`` get one 503
+answer and are closed at once, so the ones already open are not slowed.
 """
 
 from __future__ import annotations

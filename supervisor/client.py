@@ -289,10 +289,11 @@ def _cmd_watch(args: argparse.Namespace) -> int:
                     sys.stdout.flush()
             else:
                 printer.show(event)
-            if isinstance(event.get("revision"), int):
-                since = event["revision"]
             if event.get("type") == "resync":
+                # Its revision is the daemon's, not ours: resume from what we have seen.
                 resync = True
+            elif isinstance(event.get("revision"), int):
+                since = event["revision"]
         if not resync:
             raise ClientError("the supervisor closed the event stream")
 

@@ -222,3 +222,33 @@ def test_watch_prints_one_line_per_change(
             assert change.split()[-1] == cid[:12]
             assert back.split()[2:5] == ["upsert", f"hls-{tag}-w", "running"]
             assert int(back.split()[1]) == int(change.split()[1]) + 1
+
+
+def test_watch_resumes_after_a_resync_from_what_it_has_seen(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """After a resync line, watch reconnects with since = the last revision it printed."""
+    record = {"id": "a" * 64, "name": "web", "state": "running", "health": None}
+    streams = [
+        [
+            {"type": "snapshot", "revision": 10, "state": "connected", "containers": []},
+            {"type": "upsert", "revision": 11, "container": record},
+            {"type": "resync", "revision": 20, "reason": "fell behind"},
+        ],
+        [{"type": "upsert", "revision": 12, "container": {**record, "state": "paused"}}],
+    ]
+    calls: list[int | None] = []
+
+    def events(self: object, since: int | None) -> Iterator[dict[str, object]]:
+        calls.append(since)
+        yield from streams.pop(0)
+
+    monkeypatch.setattr("supervisor.client.ApiClient.events", events)
+    from supervisor.cli import main
+
+    assert main(["watch", "--socket", "/nonexistent"]) == 1
+    assert calls == [None, 11]
+    out, err = capsys.readouterr()
+    kinds = [line.split()[2] for line in out.splitlines()]
+    assert kinds == ["snapshot", "upsert", "resync", "upsert"]
+    assert err.strip() == "homelabarr-supervisor: the supervisor closed the event stream"
