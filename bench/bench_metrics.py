@@ -221,7 +221,7 @@ def synthetic(template: dict[str, Any], count: int) -> list[ContainerRecord]:
 
 async def run(real_sizes: list[int], synthetic_sizes: list[int], rounds: int) -> list[Row]:
     rows: list[Row] = []
-    base = tempfile.mkdtemp(prefix="hb", dir="/tmp")
+    base = tempfile.mkdtemp(prefix="hbm", dir="/tmp")
     engine = PrivateDockerd(base)
     try:
         print("starting a private dockerd", file=sys.stderr)

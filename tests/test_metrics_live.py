@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -164,6 +165,8 @@ class PrometheusServer:
     """A Prometheus on loopback, scraping one target every second."""
 
     def __init__(self, base: Path, target: str) -> None:
+        if shutil.which("prometheus") is None:
+            pytest.fail("prometheus is missing: run tests/run.sh (it installs Debian's prometheus)")
         self.dir = base / "prometheus"
         self.dir.mkdir()
         self.port = free_port()
