@@ -30,10 +30,12 @@ from supervisor.settings import (
     Settings,
     WatchSettings,
 )
+from tests.daemon_proc import SupervisorProcess
 from tests.dockerd import RUNDIR_ENV, TEST_IMAGE, ContainerFactory, PrivateDockerd
 from tests.test_metrics import KNOWN_LINT, parse, promtool_problems, series
+from tests.test_metrics_rules import ALERT_NAMES
 
-pytestmark = [pytest.mark.anyio, pytest.mark.docker]
+pytestmark = pytest.mark.docker
 
 REPO = Path(__file__).resolve().parent.parent
 ALERTS = REPO / "config" / "prometheus" / "alerts.yml"
@@ -97,6 +99,7 @@ def in_cache(
 # -- in-process scrapes of a live mirror ---------------------------------------------------
 
 
+@pytest.mark.anyio
 async def test_promtool_accepts_a_live_scrape(
     docker_host: str, make_container: ContainerFactory
 ) -> None:
@@ -129,6 +132,7 @@ async def test_promtool_accepts_a_live_scrape(
     assert samples[(PREFIX + "docker_endpoint_info", frozenset({("host", docker_host)}))] == 1
 
 
+@pytest.mark.anyio
 async def test_a_removed_container_is_gone_from_the_next_scrape(
     docker_host: str, docker_api: docker.APIClient, make_container: ContainerFactory
 ) -> None:
@@ -248,57 +252,70 @@ def prometheus_server(base: Path, target: str) -> Iterator[PrometheusServer]:
         server.close()
 
 
+def until(check: Callable[[], T], what: str, seconds: float = 20.0) -> T:
+    """The first truthy result of ``check``, polled; a test failure after ``seconds``."""
+    deadline = time.monotonic() + seconds
+    while True:
+        result = check()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            pytest.fail(f"{what}: not within {seconds:g} s (last: {result!r})")
+        time.sleep(0.1)
+
+
 @pytest.mark.slow
-async def test_prometheus_follows_docker_and_a_container(
+def test_prometheus_follows_docker_and_a_container(
     private_dockerd: PrivateDockerd, short_tmp: Path
 ) -> None:
-    """Through Prometheus' query API: connected, a container stopped/started/removed, dockerd down and back."""
-    listen = f"127.0.0.1:{free_port()}"
-    runtime = build_runtime(live_settings(private_dockerd.host, metrics_listen=listen))
+    """A real Prometheus scraping a supervisor daemon sees connected, a container stop/start/remove, dockerd down and back."""
     api = private_dockerd.api()
     containers = ContainerFactory(api, TEST_IMAGE)
+    fast_retries = {
+        "SUPERVISOR_BACKOFF_INITIAL_SECONDS": "0.1",
+        "SUPERVISOR_BACKOFF_MAX_SECONDS": "1",
+    }
     try:
-        cid = await anyio.to_thread.run_sync(lambda: containers(name="mt-prom"))
-        async with watching(runtime, metrics=True):
-            with prometheus_server(short_tmp, listen) as prom:
+        cid = containers(name="mt-prom")
+        with (
+            SupervisorProcess(
+                private_dockerd.host, short_tmp / "api.sock", extra_env=fast_retries
+            ) as daemon,
+            prometheus_server(short_tmp, daemon.metrics_listen) as prom,
+        ):
 
-                async def query(promql: str) -> list[dict[str, Any]]:
-                    return await anyio.to_thread.run_sync(prom.query, promql)
+            def values(promql: str) -> list[str]:
+                return [r["value"][1] for r in prom.query(promql)]
 
-                def state_is(expected: str) -> Callable[[], Awaitable[bool]]:
-                    async def check() -> bool:
-                        now = await query(f"{PREFIX}docker_connection_state == 1")
-                        return [r["metric"]["state"] for r in now] == [expected]
+            def state() -> list[str]:
+                return [
+                    r["metric"]["state"]
+                    for r in prom.query(f"{PREFIX}docker_connection_state == 1")
+                ]
 
-                    return check
+            def running() -> list[str]:
+                return values(f'{PREFIX}container_running{{name="mt-prom"}}')
 
-                def running_is(value: str | None) -> Callable[[], Awaitable[bool]]:
-                    async def check() -> bool:
-                        now = await query(f'{PREFIX}container_running{{name="mt-prom"}}')
-                        return [r["value"][1] for r in now] == ([] if value is None else [value])
+            until(lambda: state() == ["connected"], "Prometheus sees connected")
+            assert values(f"{PREFIX}docker_up") == ["1"]
+            assert values('up{job="homelabarr-supervisor"}') == ["1"]
+            rules = prom.get("/api/v1/rules")["data"]["groups"]
+            assert {r["name"] for g in rules for r in g["rules"]} == ALERT_NAMES
 
-                    return check
+            until(lambda: running() == ["1"], "mt-prom running")
+            api.stop(cid, timeout=0)
+            until(lambda: running() == ["0"], "mt-prom stopped")
+            api.start(cid)
+            until(lambda: running() == ["1"], "mt-prom started again")
+            api.remove_container(cid, force=True)
+            until(lambda: running() == [], "mt-prom's series gone after its removal")
 
-                await eventually(state_is("connected"), "Prometheus sees connected")
-                assert [r["value"][1] for r in await query(f"{PREFIX}docker_up")] == ["1"]
-                assert [r["value"][1] for r in await query("up")] == ["1"]
-                rules = await anyio.to_thread.run_sync(lambda: prom.get("/api/v1/rules"))
-                alerts = [r["name"] for g in rules["data"]["groups"] for r in g["rules"]]
-                assert len(alerts) == 6, alerts
-
-                await eventually(running_is("1"), "mt-prom running")
-                await anyio.to_thread.run_sync(lambda: api.stop(cid, timeout=0))
-                await eventually(running_is("0"), "mt-prom stopped")
-                await anyio.to_thread.run_sync(lambda: api.start(cid))
-                await eventually(running_is("1"), "mt-prom started again")
-                await anyio.to_thread.run_sync(lambda: api.remove_container(cid, force=True))
-                await eventually(running_is(None), "mt-prom's series gone after removal")
-
-                await anyio.to_thread.run_sync(private_dockerd.stop)
-                await eventually(state_is("backing_off"), "Prometheus sees backing_off")
-                await anyio.to_thread.run_sync(private_dockerd.start)
-                await eventually(state_is("connected"), "Prometheus sees connected again")
-                assert [r["value"][1] for r in await query(f"{PREFIX}docker_up")] == ["1"]
+            private_dockerd.stop()
+            until(lambda: state() == ["backing_off"], "Prometheus sees backing_off")
+            assert values(f"{PREFIX}docker_up") == ["0"]
+            private_dockerd.start()
+            until(lambda: state() == ["connected"], "Prometheus sees connected again")
+            assert values(f"{PREFIX}docker_up") == ["1"]
     finally:
         containers.cleanup()
         api.close()
