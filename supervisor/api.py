@@ -755,6 +755,7 @@ class ApiApp:
     def __init__(self, runtime: Runtime) -> None:
         self.runtime = runtime
         self.api = runtime.settings.api
+        self._sorted: tuple[int | None, list[ContainerRecord]] = (None, [])
         self.router = Router(
             {
                 "/v1/health": {"GET": self.health},
@@ -783,6 +784,13 @@ class ApiApp:
         )
 
     # -- helpers -------------------------------------------------------------------
+
+    def _records(self) -> list[ContainerRecord]:
+        """The cache's records in its order, sorted once per revision (filters scan them)."""
+        revision = self.runtime.cache.revision
+        if self._sorted[0] != revision:
+            self._sorted = (revision, self.runtime.cache.records())
+        return self._sorted[1]
 
     @property
     def stale(self) -> bool:
@@ -830,7 +838,7 @@ class ApiApp:
                 b"["
                 + b",".join(
                     cache.record_json(r.id)
-                    for r in cache.records()
+                    for r in self._records()
                     if _matches(r, states, labels, names)
                 )
                 + b"]"

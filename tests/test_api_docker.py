@@ -327,7 +327,7 @@ def test_resume_older_than_the_history_gets_a_snapshot(
     short_tmp: Path,
     tag: str,
 ) -> None:
-    """With watch.history_size=3, a since from before six changes gets a fresh snapshot."""
+    """With watch.history_size=3, a since from before seven changes gets a fresh snapshot."""
     with SupervisorProcess(
         docker_host,
         short_tmp / "api.sock",
@@ -336,9 +336,9 @@ def test_resume_older_than_the_history_gets_a_snapshot(
     ) as sup:
         old = sup.wait_synced()["revision"]
         cid = make_container(name=f"hls-{tag}-h")
-        for _ in range(3):
-            docker_api.pause(cid)
-            docker_api.unpause(cid)
+        for n in range(6):  # renames: synchronous, unlike a quick pause/unpause on Docker 20.10
+            docker_api.rename(cid, f"hls-{tag}-h{n}")
+            settle(sup, docker_api)
         final = settle(sup, docker_api)
         assert final["revision"] - old >= 4
         conn, response = sup.open_events(f"since={old}")
