@@ -17,7 +17,9 @@ Two kinds of numbers, two mechanisms:
 
 Everything lives in one explicit :class:`~prometheus_client.CollectorRegistry` per
 :class:`Metrics` (``Metrics.registry``), next to the standard process, platform
-and GC collectors; there is no global state.
+and GC collectors; there is no global state. Another room's collector registered
+on that registry is part of every scrape; per-container ones should label their
+series from :attr:`Metrics.label_keys`, as the container families do.
 
 Speed: per-container series are most of a scrape (about seven lines per
 container). prometheus-client formats a sample in about 10 µs, which is 80 ms at
@@ -25,8 +27,8 @@ container). prometheus-client formats a sample in about 10 µs, which is 80 ms a
 itself: each record's lines are built once, when the record changes (records are
 immutable and replaced on change, so identity tells), and the whole block is
 reused while the cache revision stays the same. The families are the same ones
-:class:`ContainerCollector` yields to the registry; the tests hold the two
-renderings byte-for-byte equal.
+:class:`ContainerCollector` yields to the registry (except during ``render``,
+which formats them itself); the tests hold the two renderings byte-for-byte equal.
 
 Labels: per-container series carry only ``name``, ``compose_project`` and
 ``compose_service`` (``container_info`` adds ``image`` and ``id``), plus one
@@ -122,17 +124,6 @@ def _label_names(keys: Sequence[str], source: str) -> tuple[tuple[str, str], ...
             )
         seen[name] = key
     return tuple((key, name) for name, key in seen.items())
-
-
-class _Collectors(Collector):
-    """Several collectors as one, in order (what ``render`` formats with prometheus-client)."""
-
-    def __init__(self) -> None:
-        self.members: list[Collector] = []
-
-    def collect(self) -> Iterator[Metric]:
-        for member in self.members:
-            yield from member.collect()
 
 
 # -- state read at scrape time -------------------------------------------------------
@@ -279,6 +270,7 @@ class ContainerCollector(Collector):
         self._metrics = metrics
         # Sorted by label name, as the exposition sorts labels; all sort before "name".
         self._label_keys = tuple(sorted(label_keys, key=lambda pair: pair[1]))
+        self._separately = False
         # id -> (record, its lines per family); rebuilt on each render, so it holds
         # only containers still in the mirror.
         self._lines: dict[str, tuple[ContainerRecord, tuple[str, ...]]] = {}
@@ -289,8 +281,21 @@ class ContainerCollector(Collector):
             for suffix, doc in CONTAINER_FAMILIES
         )
 
+    @property
+    def label_keys(self) -> tuple[tuple[str, str], ...]:
+        return self._label_keys
+
     def describe(self) -> Iterable[Metric]:
         return self._empty_families()
+
+    @contextlib.contextmanager
+    def formatted_separately(self) -> Iterator[None]:
+        """Within: :meth:`collect` yields nothing, as :meth:`exposition` supplies the text."""
+        self._separately = True
+        try:
+            yield
+        finally:
+            self._separately = False
 
     def _empty_families(self) -> list[Metric]:
         return [GaugeMetricFamily(PREFIX + suffix, doc) for suffix, doc in CONTAINER_FAMILIES]
@@ -319,6 +324,8 @@ class ContainerCollector(Collector):
         return out
 
     def collect(self) -> Iterable[Metric]:
+        if self._separately:
+            return []
         families = self._empty_families()
         if self._metrics.runtime is None:
             return families
@@ -403,79 +410,63 @@ class Metrics:
         self.runtime: Runtime | None = None
         self.clock = clock
         self.registry = CollectorRegistry()
-        self._core = _Collectors()
         self._records_key: tuple[object, int] | None = None
         self._records: list[ContainerRecord] = []
 
-        def add(collector: Collector) -> None:
-            self.registry.register(collector)
-            self._core.members.append(collector)
-
-        add(ProcessCollector(registry=None))
-        add(PlatformCollector(registry=None))
-        self._core.members.append(GCCollector(registry=self.registry))  # registers itself
+        ProcessCollector(registry=self.registry)
+        PlatformCollector(registry=self.registry)
+        GCCollector(registry=self.registry)
 
         self._events = Counter(
             PREFIX + "docker_events_total",
             "Docker container events received, by normalised action (unknown ones: other).",
             ["action"],
-            registry=None,
+            registry=self.registry,
         )
         for action in (*KNOWN_ACTIONS, "other"):
             self._events.labels(action)
         self._malformed = Counter(
             PREFIX + "docker_events_malformed_total",
             "Unusable objects on the event stream, and unusable inspect results.",
-            registry=None,
+            registry=self.registry,
         )
         self._inspects = Counter(
             PREFIX + "docker_inspects_total",
             "Container inspects completed (a measure of event coalescing).",
-            registry=None,
+            registry=self.registry,
         )
         self._resyncs = Counter(
             PREFIX + "resyncs_total",
             "Full reconciliations of the mirror with Docker (one per connect).",
-            registry=None,
+            registry=self.registry,
         )
         self._resync_seconds = Histogram(
             PREFIX + "resync_duration_seconds",
             "Time to list, inspect and reconcile every container after a connect.",
             buckets=RESYNC_BUCKETS,
-            registry=None,
+            registry=self.registry,
         )
         self._propagation = Histogram(
             PREFIX + "event_propagation_seconds",
             "From Docker's event time (timeNano) to the change being published.",
             buckets=PROPAGATION_BUCKETS,
-            registry=None,
+            registry=self.registry,
         )
         self._requests = Counter(
             PREFIX + "api_requests_total",
             "API requests answered, by route template and status code.",
             ["route", "code"],
-            registry=None,
+            registry=self.registry,
         )
         self._request_seconds = Histogram(
             PREFIX + "api_request_duration_seconds",
             "Time to answer an API request (to the end of the body), by route template.",
             ["route"],
             buckets=API_BUCKETS,
-            registry=None,
+            registry=self.registry,
         )
         self._routes: set[str] = set()
-        for metric in (
-            self._events,
-            self._malformed,
-            self._inspects,
-            self._resyncs,
-            self._resync_seconds,
-            self._propagation,
-            self._requests,
-            self._request_seconds,
-        ):
-            add(metric)
-        add(RuntimeCollector(self))
+        self.registry.register(RuntimeCollector(self))
         self.containers = ContainerCollector(self)
         self.registry.register(self.containers)
 
@@ -544,10 +535,25 @@ class Metrics:
         self._requests.labels(route, str(code)).inc()
         self._request_seconds.labels(route).observe(seconds)
 
+    @property
+    def label_keys(self) -> tuple[tuple[str, str], ...]:
+        """``(Docker label key, metric label)`` per ``metrics.container_labels`` entry.
+
+        For other rooms' per-container collectors, so that every per-container
+        series carries the same labels.
+        """
+        return self.containers.label_keys
+
     def render(self) -> tuple[bytes, str]:
-        """The text exposition of the whole registry, and its content type."""
-        body = generate_latest(self._core) + self.containers.exposition()
-        return body, CONTENT_TYPE
+        """The text exposition of the whole registry, and its content type.
+
+        Everything registered on :attr:`registry` is included; the per-container
+        families are formatted by :meth:`ContainerCollector.exposition` instead of
+        prometheus-client (see the module docstring).
+        """
+        with self.containers.formatted_separately():
+            head = generate_latest(self.registry)
+        return head + self.containers.exposition(), CONTENT_TYPE
 
 
 def _precedence(record: ContainerRecord) -> tuple[bool, float]:

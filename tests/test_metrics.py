@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 from prometheus_client import REGISTRY, CollectorRegistry, generate_latest
+from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 from prometheus_client.parser import text_string_to_metric_families
 
 from supervisor.access import Endpoint
@@ -196,6 +197,21 @@ def test_per_container_text_is_byte_for_byte_what_prometheus_client_makes() -> N
     only = CollectorRegistry()
     only.register(runtime.metrics.containers)
     assert runtime.metrics.containers.exposition() == generate_latest(only)
+
+
+def test_collectors_registered_by_other_rooms_are_scraped_with_the_same_labels() -> None:
+    """A collector registered on metrics.registry is in render(); label_keys gives it the operator's labels."""
+    runtime = make_runtime(labels=("com.example.team",))
+    assert runtime.metrics.label_keys == (("com.example.team", "label_com_example_team"),)
+
+    class Extra:
+        def collect(self) -> list[Metric]:
+            family = GaugeMetricFamily(PREFIX + "extra", "An extra family.", labels=["x"])
+            family.add_metric(["y"], 2.0)
+            return [family]
+
+    runtime.metrics.registry.register(Extra())
+    assert value(scrape(runtime), "extra", x="y") == 2
 
 
 # -- connection state ----------------------------------------------------------------------
