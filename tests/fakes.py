@@ -173,6 +173,12 @@ class FakeSession:
         finally:
             d.inflight[container_id] -= 1
 
+    async def stats(self, container_id: str) -> Mapping[str, Any] | None:
+        d = self._docker
+        d.calls.append(("stats", container_id))
+        await anyio.lowlevel.checkpoint()
+        return copy.deepcopy(d.stats_bodies.get(container_id))
+
     async def open_events(self) -> FakeEventStream:
         d = self._docker
         d.calls.append(("subscribe",))
@@ -232,6 +238,8 @@ class FakeDocker:
         self.ping_timeout_seconds = 0.05
         self.session_gate: anyio.Event | None = None
         self.inspect_gate: anyio.Event | None = None
+        #: Stats bodies served by FakeSession.stats; an id not here answers None (gone).
+        self.stats_bodies: dict[str, dict[str, Any]] = {}
         self._hooks: dict[str, list[Callable[[], None]]] = {p: [] for p in HOOK_POINTS}
         self._ids = itertools.count(1)
         self._time = 1_796_000_000.0

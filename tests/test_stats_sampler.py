@@ -386,3 +386,43 @@ async def test_malformed_body_is_skipped() -> None:
     await rig.round()
     assert rig.ids[0] not in rig.store and rig.ids[1] in rig.store
     assert rig.sampler.failures == 1
+
+
+async def test_with_the_watcher_over_the_shared_fake() -> None:
+    """The watcher mirrors the shared FakeDocker; the sampler follows starts, stops, removals."""
+    from tests.fakes import FakeDocker, make_watcher
+
+    docker = FakeDocker()
+    web, db = docker.create("web"), docker.create("db")
+    docker.start(web)
+    docker.start(db)
+    for cid in (web, db):
+        docker.stats_bodies[cid] = stats_body(1, 1)
+    watcher, _ = make_watcher(docker)
+    store = StatsStore(watcher.cache)
+    sampler = Sampler(
+        store=store,
+        cache=watcher.cache,
+        machine=watcher.machine,
+        make_gateway=docker.gateway,
+        settings=StatsSettings(interval_seconds=0.05, concurrency=2),
+        synced=lambda: watcher.synced,
+        feed=watcher.feed,
+    )
+    async with anyio.create_task_group() as tg:
+        await tg.start(watcher.serve)
+        await tg.start(sampler.serve)
+        await wait_until(lambda: store.json(web) is not None and store.json(db) is not None)
+        revision = watcher.cache.revision
+        cron = docker.create("cron")
+        docker.stats_bodies[cron] = stats_body(1, 1)
+        docker.start(cron)  # sampled at a later round
+        await wait_until(lambda: store.json(cron) is not None)
+        # Rounds ran all along, yet the only changes of the mirror are cron's.
+        deltas = watcher.cache.deltas_since(revision)
+        assert deltas and {d.container_id for d in deltas} == {cron}
+        docker.die(db)
+        docker.destroy(web)
+        await wait_until(lambda: len(store) == 1, within=2)
+        assert store.json(cron) is not None
+        tg.cancel_scope.cancel()
