@@ -157,8 +157,10 @@ def test_memory_limit_and_percent() -> None:
     assert sample is not None
     assert sample.memory_limit_bytes == 64 * MIB
     assert sample.memory_usage_bytes is not None and sample.memory_usage_bytes > 19 * MIB
-    assert sample.memory_percent == pytest.approx(sample.memory_usage_bytes / (64 * MIB) * 100)
-    assert sample.to_json()["memory_percent"] == round(sample.memory_percent, 3)
+    percent = sample.memory_percent
+    assert percent is not None
+    assert percent == pytest.approx(sample.memory_usage_bytes / (64 * MIB) * 100)
+    assert sample.to_json()["memory_percent"] == round(percent, 3)
 
 
 def test_network_pids_and_empty_block_io_from_real_body() -> None:

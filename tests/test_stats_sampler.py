@@ -55,7 +55,7 @@ class FakeStatsDocker:
         self.gone: set[str] = set()
         self.bodies: dict[str, object] = {}
         self.refuse: DockerFailure | None = None
-        self.during_call: dict[str, Callable[[], None]] = {}
+        self.during_call: dict[str, Callable[[], object]] = {}
         self.calls: list[str] = []
         self.inflight = 0
         self.max_inflight = 0
