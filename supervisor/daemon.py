@@ -122,13 +122,19 @@ async def run_daemon(
 
 
 def join_threads(seconds: float = SHUTDOWN_GRACE_SECONDS) -> list[str]:
-    """After the event loop has closed: wait for worker threads; returns those still alive.
+    """After the event loop has closed: wait for the threads that would hold the process.
 
-    Threads blocked in Docker calls were released by the services' cleanup (streams
-    closed, clients closed); idle worker threads stop when the loop closes.
+    Returns the names of non-daemon threads still alive after ``seconds``. Docker
+    calls run in daemon threads (see ``supervisor.gateway``), which cannot hold the
+    process at exit, so they are neither waited for nor reported; anyio's idle
+    worker threads stop when the loop closes.
     """
     deadline = time.monotonic() + seconds
-    for thread in threading.enumerate():
-        if thread is not threading.current_thread():
-            thread.join(max(0.0, deadline - time.monotonic()))
-    return [t.name for t in threading.enumerate() if t is not threading.current_thread()]
+
+    def holding() -> list[threading.Thread]:
+        me = threading.current_thread()
+        return [t for t in threading.enumerate() if t is not me and not t.daemon]
+
+    for thread in holding():
+        thread.join(max(0.0, deadline - time.monotonic()))
+    return [t.name for t in holding()]

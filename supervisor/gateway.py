@@ -1,9 +1,16 @@
 """The one door to Docker: every docker-py call, run in worker threads, failures classified.
 
 Nothing else in the package imports docker-py. Calls are blocking, so each runs
-in a worker thread (``anyio.to_thread.run_sync``); failures leave this module
-only as :class:`DockerCallError`, carrying a classified
-:class:`~supervisor.state.DockerFailure` with a remedy for humans.
+in a worker thread; failures leave this module only as :class:`DockerCallError`,
+carrying a classified :class:`~supervisor.state.DockerFailure` with a remedy for
+humans.
+
+The worker threads are daemon threads of our own (:func:`_in_daemon_thread`),
+not anyio's: anyio's are not daemon threads, so one stuck in a call to a Docker
+that accepts connections but never answers (hung, stopped with SIGSTOP) would
+keep the process alive after SIGTERM until the call's socket timeout
+(``docker.call_timeout_seconds``, 30 s by default). A cancelled call abandons
+its thread, which ends when the call does.
 
 docker-py creates its client by asking ``/version`` (API version negotiation),
 so :meth:`DockerGateway.open_session` makes a new client on every attempt and
@@ -14,9 +21,12 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import http.client
 import json
 import os
+import queue
 import socket
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -24,12 +34,14 @@ from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
 import anyio
-import anyio.to_thread
+import anyio.from_thread
+import anyio.lowlevel
 import docker
 import docker.errors
 import docker.tls
 import docker.utils
 import requests.exceptions
+import urllib3.exceptions
 
 from supervisor.access import Endpoint, process_facts, remedy, socket_facts
 from supervisor.settings import DockerSettings
@@ -46,6 +58,72 @@ __all__ = [
 ]
 
 T = TypeVar("T")
+
+
+class _DaemonWorkers:
+    """Reusable daemon threads; an idle one ends after ``IDLE_SECONDS``."""
+
+    IDLE_SECONDS = 10.0
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._idle: list[queue.SimpleQueue[Callable[[], None]]] = []
+
+    def submit(self, job: Callable[[], None]) -> None:
+        """Run ``job`` (which must not raise) in an idle thread, or a new one."""
+        with self._lock:
+            inbox = self._idle.pop() if self._idle else None
+        if inbox is None:
+            inbox = queue.SimpleQueue()
+            thread = threading.Thread(
+                target=self._work, args=(inbox,), name="docker call", daemon=True
+            )
+            thread.start()
+        inbox.put(job)
+
+    def _work(self, inbox: queue.SimpleQueue[Callable[[], None]]) -> None:
+        while True:
+            try:
+                job = inbox.get(timeout=self.IDLE_SECONDS)
+            except queue.Empty:
+                with self._lock:
+                    if inbox in self._idle:
+                        self._idle.remove(inbox)
+                        return
+                continue  # handed a job just as the wait timed out
+            job()
+            with self._lock:
+                self._idle.append(inbox)
+
+
+_WORKERS = _DaemonWorkers()
+
+
+async def _in_daemon_thread(func: Callable[[], T]) -> T:
+    """``func()`` in a daemon thread; on cancellation the thread is abandoned (see above)."""
+    done = anyio.Event()
+    token = anyio.lowlevel.current_token()
+    outcome: list[tuple[Any, BaseException | None]] = []
+
+    def job() -> None:
+        try:
+            outcome.append((func(), None))
+        except BaseException as exc:
+            outcome.append((None, exc))
+        # Wake the caller; once the event loop is gone there is nobody to tell.
+        with contextlib.suppress(RuntimeError):
+            anyio.from_thread.run_sync(done.set, token=token)
+
+    _WORKERS.submit(job)
+    await done.wait()
+    value, error = outcome.pop()
+    if error is None:
+        result: T = value
+        return result
+    try:
+        raise error
+    finally:
+        del error  # no cycle through this frame's traceback
 
 
 class DockerCallError(Exception):
@@ -240,7 +318,7 @@ class DockerGateway:
         with self._translate(self.settings.call_timeout_seconds):
             # The thread is abandoned on cancellation; the call's own socket timeout
             # (set on the client) bounds how long it can linger.
-            return await anyio.to_thread.run_sync(func, abandon_on_cancel=True)
+            return await _in_daemon_thread(func)
 
     @contextmanager
     def _translate(self, timeout: float | None) -> Iterator[None]:
@@ -249,6 +327,10 @@ class DockerGateway:
         except (
             docker.errors.DockerException,
             requests.exceptions.RequestException,
+            # A stream read bypasses requests, so urllib3's and http.client's own
+            # errors (a connection broken mid-chunk) arrive unwrapped.
+            urllib3.exceptions.HTTPError,
+            http.client.HTTPException,
             OSError,
         ) as exc:
             raise DockerCallError(classify(exc, self.endpoint, timeout_seconds=timeout)) from exc
@@ -313,7 +395,7 @@ class DockerSession:
         return DockerEventStream(await self.call(subscribe), self._gateway)
 
     async def aclose(self) -> None:
-        await anyio.to_thread.run_sync(self._client.close, abandon_on_cancel=True)
+        await _in_daemon_thread(self._client.close)
 
 
 class DockerEventStream:
@@ -351,14 +433,22 @@ class DockerEventStream:
     async def next(self) -> object:
         if self._closed:
             return None
-        with self._gateway._translate(None):
-            return await anyio.to_thread.run_sync(self._next, abandon_on_cancel=True)
+        try:
+            with self._gateway._translate(None):
+                return await _in_daemon_thread(self._next)
+        except Exception:
+            if self._closed:
+                # aclose() pulled the connection from under the read; whatever the
+                # read tripped over on its way out (http.client races the close and
+                # can fail with AttributeError), this is the end of the stream.
+                return None
+            raise
 
     async def aclose(self) -> None:
         if not self._closed:
             self._closed = True
             with anyio.CancelScope(shield=True):
-                await anyio.to_thread.run_sync(self._close_quietly)
+                await _in_daemon_thread(self._close_quietly)
 
     def _close_quietly(self) -> None:
         # The stream may already be broken: closing is best effort. docker-py's

@@ -377,6 +377,63 @@ async def test_event_stream_splits_lines_and_passes_bad_ones_as_bytes() -> None:
     assert await stream.next() is None
 
 
+class _Broken:
+    """A stream whose read fails the way urllib3 does when the connection breaks mid-chunk."""
+
+    def __next__(self) -> bytes:
+        import http.client
+
+        import urllib3.exceptions
+
+        raise urllib3.exceptions.ProtocolError(
+            "Connection broken: IncompleteRead(10 bytes read, 5 more expected)",
+            http.client.IncompleteRead(b"x" * 10, 5),
+        )
+
+    def close(self) -> None:
+        pass
+
+
+async def test_event_stream_translates_a_broken_connection() -> None:
+    """urllib3's own errors on a stream read leave the gateway as DockerCallError, like all others."""
+    stream = DockerEventStream(_Broken(), gateway_for("/nonexistent.sock"))
+    with pytest.raises(DockerCallError) as excinfo:
+        await stream.next()
+    assert excinfo.value.failure.kind is ErrorKind.API_ERROR
+    assert "Connection broken" in excinfo.value.failure.message
+
+
+class _CutOff:
+    """A blocked read that trips over its own connection when another thread closes it."""
+
+    def __init__(self) -> None:
+        self.closed = threading.Event()
+
+    def __next__(self) -> bytes:
+        self.closed.wait(10)
+        raise AttributeError("'NoneType' object has no attribute 'close'")  # http.client's race
+
+    def close(self) -> None:
+        self.closed.set()
+
+
+async def test_event_stream_closed_under_a_read_ends_quietly() -> None:
+    """aclose() during a blocked read: the read reports the end (None), whatever it tripped on."""
+    raw = _CutOff()
+    stream = DockerEventStream(raw, gateway_for("/nonexistent.sock"))
+    got: list[object] = []
+    async with anyio.create_task_group() as tg:
+
+        async def read() -> None:
+            got.append(await stream.next())
+
+        tg.start_soon(read)
+        await anyio.sleep(0.05)
+        with anyio.fail_after(5):
+            await stream.aclose()
+    assert got == [None]
+
+
 # -- against the real dockerd -------------------------------------------------------------
 
 
