@@ -90,7 +90,7 @@ class SteadyClient(threading.Thread):
                 assert all(len(c["id"]) == 64 for c in listing["containers"])
                 last_revision = listing["revision"]
                 assert self._ask(conn, "/v1/health")["status"] == "ok"
-                if time.monotonic() - started > 2:
+                if time.monotonic() - started > 5:  # a hang, not a slow machine
                     raise AssertionError(f"answers took {time.monotonic() - started:.1f} s")
                 self.answers += 1
             except Exception as exc:

@@ -95,12 +95,13 @@ async def serving(tmp: Path, *, history_size: int = 4096, **api: Any) -> AsyncIt
         metrics=MetricsSettings(listen=""),
     )
     runtime = build_runtime(settings)
-    async with anyio.create_task_group() as tg:
-        await tg.start(serve_api, runtime)
-        try:
-            yield runtime
-        finally:
-            tg.cancel_scope.cancel()
+    with anyio.fail_after(30):  # every wait of a test is bounded
+        async with anyio.create_task_group() as tg:
+            await tg.start(serve_api, runtime)
+            try:
+                yield runtime
+            finally:
+                tg.cancel_scope.cancel()
 
 
 # -- a small h11 client ----------------------------------------------------------------
