@@ -30,11 +30,12 @@ sample are dropped at that moment and never served.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from supervisor.cache import Cache, dumps
 from supervisor.records import ContainerRecord, parse_rfc3339, rfc3339
@@ -42,6 +43,7 @@ from supervisor.records import ContainerRecord, parse_rfc3339, rfc3339
 __all__ = [
     "STATS_FAMILIES",
     "STATS_FIELDS",
+    "StatsCollector",
     "StatsSample",
     "StatsStore",
     "collect",
@@ -405,6 +407,31 @@ def collect(
         rx.add_sample(rx.name + "_total", labels, float(sample.network_rx_bytes))
         tx.add_sample(tx.name + "_total", labels, float(sample.network_tx_bytes))
     return families
+
+
+class StatsCollector(Collector):
+    """:func:`collect` for a registry: the store read at scrape time.
+
+    ``label_keys`` is called at each scrape (the metrics room settles them when it
+    binds the runtime), so the stats series carry the same labels as the other
+    per-container series.
+    """
+
+    def __init__(
+        self,
+        store: StatsStore,
+        cache: Cache,
+        label_keys: Callable[[], Sequence[tuple[str, str]]] = tuple,
+    ) -> None:
+        self._store = store
+        self._cache = cache
+        self._label_keys = label_keys
+
+    def describe(self) -> Iterable[Metric]:
+        return describe()
+
+    def collect(self) -> Iterable[Metric]:
+        return collect(self._store, self._cache, self._label_keys())
 
 
 def _running(cache: Cache) -> Iterator[ContainerRecord]:

@@ -22,6 +22,7 @@ from supervisor.cache import Cache
 from supervisor.records import ContainerRecord, parse_rfc3339, record_from_inspect
 from supervisor.stats import (
     STATS_FIELDS,
+    StatsCollector,
     StatsSample,
     StatsStore,
     collect,
@@ -552,3 +553,27 @@ def test_describe_names_the_families_collect_fills() -> None:
     assert [(m.name, m.type) for m in described] == [(m.name, m.type) for m in collected]
     assert all(not m.samples for m in described)
     assert all(m.samples for m in collected)
+
+
+def test_stats_collector_on_a_registry() -> None:
+    """StatsCollector registers (describe) and scrapes the store with the labels it is given."""
+    cid = "a" * 64
+    cache, store = make_store(record(cid, "web", labels={"team": "ops"}))
+    registry = CollectorRegistry()
+    keys: list[tuple[str, str]] = []
+    registry.register(StatsCollector(store, cache, lambda: keys))
+    assert (
+        "homelabarr_supervisor_container_cpu_seconds_total{"
+        not in generate_latest(registry).decode()
+    )
+    store.update(cid, v2_body(), started_at=STARTED)
+    keys.append(("team", "label_team"))  # read at every scrape
+    got = samples_by_name(generate_latest(registry).decode())
+    assert got["homelabarr_supervisor_container_memory_usage_bytes"] == [
+        (
+            {"name": "web", "compose_project": "", "compose_service": "", "label_team": "ops"},
+            float(38 * MIB),
+        )
+    ]
+    with pytest.raises(ValueError, match="Duplicated timeseries"):
+        registry.register(StatsCollector(store, cache))
