@@ -460,7 +460,7 @@ class Metrics:
         )
         self._request_seconds = Histogram(
             PREFIX + "api_request_duration_seconds",
-            "Time to answer an API request (to the end of the body), by route template.",
+            "Time to answer an API request (event streams: to the response head), by route.",
             ["route"],
             buckets=API_BUCKETS,
             registry=self.registry,
