@@ -179,7 +179,7 @@ def test_deltas_replay_to_the_current_state(
 ) -> None:
     """From any revision still resumable, replaying the deltas gives exactly the mirror."""
     cache = Cache(history, initial_revision=7)
-    states = {cache.revision: {}}  # revision → what a client saw then
+    states: dict[int, dict[str, ContainerRecord]] = {cache.revision: {}}  # what clients saw
     for op, n, status, restarts in ops:
         if op == "upsert":
             cache.upsert(rec(n, status=status, restarts=restarts))

@@ -106,7 +106,7 @@ def test_running_compose_container_record() -> None:
 
 def test_record_json_has_exactly_the_documented_fields() -> None:
     """to_json carries the issue's field list and is plain JSON."""
-    body = record_from_inspect(RUNNING_WEB).to_json()
+    body: dict[str, Any] = record_from_inspect(RUNNING_WEB).to_json()
     assert set(body) == {
         "id", "name", "image", "image_id", "state", "health", "exit_code", "created",
         "started_at", "finished_at", "restart_count", "oom_killed", "labels", "ports",

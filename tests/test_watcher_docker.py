@@ -457,7 +457,7 @@ async def test_dockerd_killed_and_restarted_live_restore(private_dockerd: Privat
                 gate.opened.set()
 
                 await settled_to_truth(watcher.cache, fresh)
-                assert watcher.machine.state is S.CONNECTED and watcher.synced
+                assert watcher.machine.connected and watcher.synced
                 now = cache_state(watcher.cache)
                 assert now[victim].state == "exited" and now[victim].exit_code == 137
                 assert now[stopped_late].state == "exited"
