@@ -749,6 +749,18 @@ def _matches(
     return not names or any(name in record.name for name in names)
 
 
+def _flag(query: _Query, name: str) -> bool:
+    """A 0/1 (or false/true) query flag; absent means false."""
+    values = query.all(name)
+    if len(values) > 1:
+        raise HttpError(400, f"{name} given more than once")
+    if not values or values[0] in ("0", "false"):
+        return False
+    if values[0] in ("1", "true"):
+        return True
+    raise HttpError(400, f"{name} must be 1 or 0, not {values[0]!r}")
+
+
 class ApiApp:
     """The routes of the Unix-socket API. Reads the runtime; never calls Docker."""
 
@@ -763,6 +775,7 @@ class ApiApp:
                 "/v1/status": {"GET": self.status},
                 "/v1/containers": {"GET": self.containers},
                 "/v1/containers/{ref}": {"GET": self.container},
+                "/v1/containers/{ref}/stats": {"GET": self.container_stats},
                 "/v1/events": {"GET": self.events},
                 "/metrics": {"GET": self.metrics},
             },
@@ -821,7 +834,8 @@ class ApiApp:
         return Response(200, dumps(self.runtime.watcher.status()))
 
     def containers(self, request: Request, params: Mapping[str, str]) -> Response:
-        query = _Query(request, ("state", "label", "name"))
+        query = _Query(request, ("state", "label", "name", "stats"))
+        with_stats = _flag(query, "stats")
         states = query.all("state")
         for state in states:
             if state not in CONTAINER_STATES:
@@ -831,7 +845,11 @@ class ApiApp:
         labels = [_label_filter(text) for text in query.all("label")]
         names = [name.lstrip("/") for name in query.all("name")]
         cache = self.runtime.cache
-        if not (states or labels or names):
+        if with_stats:
+            listing = self.runtime.stats.containers_json(
+                r for r in cache.records() if _matches(r, states, labels, names)
+            )
+        elif not (states or labels or names):
             listing = cache.containers_json()  # built once per revision, spliced as is
         else:
             listing = (
@@ -844,6 +862,27 @@ class ApiApp:
                 + b"]"
             )
         return Response(200, self._envelope() + b'"containers":' + listing + b"}")
+
+    def container_stats(self, request: Request, params: Mapping[str, str]) -> Response:
+        _Query(request, ())
+        ref = params["ref"]
+        found = self.runtime.cache.find(ref)
+        if not found:
+            hint = "" if len(ref) >= 4 else " (an id prefix needs at least 4 characters)"
+            raise HttpError(404, f"no container with id, name or id prefix {ref!r}{hint}")
+        if len(found) > 1:
+            raise HttpError(
+                409,
+                f"{ref!r} is a prefix of {len(found)} container ids; give more characters",
+                detail={"matches": [{"id": r.id, "name": r.name} for r in found]},
+            )
+        record = found[0]
+        stats = self.runtime.stats.json_bytes(record.id)  # null: not running or not sampled yet
+        return Response(
+            200,
+            self._envelope()
+            + b'"id":%s,"name":%s,"stats":%s}' % (dumps(record.id), dumps(record.name), stats),
+        )
 
     def container(self, request: Request, params: Mapping[str, str]) -> Response:
         _Query(request, ())

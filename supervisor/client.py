@@ -214,6 +214,8 @@ def _containers_query(args: argparse.Namespace) -> str:
     pairs = [("state", s) for s in args.state or []]
     pairs += [("label", label) for label in args.label or []]
     pairs += [("name", name) for name in args.name or []]
+    if getattr(args, "stats", False):
+        pairs.append(("stats", "1"))
     return f"?{urlencode(pairs, quote_via=quote)}" if pairs else ""
 
 
@@ -222,17 +224,64 @@ def _cmd_containers(args: argparse.Namespace) -> int:
     if args.json:
         _print_json(body, sys.stdout)
         return 0
-    rows = [
+    headers: tuple[str, ...] = ("NAME", "STATE", "HEALTH", "IMAGE", "ID")
+    rows: list[tuple[str, ...]] = [
         (c["name"], c["state"], _dash(c.get("health")), c["image"], c["id"][:12])
         for c in body["containers"]
     ]
-    print(table(("NAME", "STATE", "HEALTH", "IMAGE", "ID"), rows))
+    if args.stats:
+        headers += ("CPU %", "MEM USAGE / LIMIT", "MEM %", "NET I/O", "BLOCK I/O", "PIDS")
+        rows = [
+            row + _stats_cells(c.get("stats"))
+            for row, c in zip(rows, body["containers"], strict=True)
+        ]
+    print(table(headers, rows))
     if body.get("stale"):
         print(
             f"{PROG}: stale: Docker is {body['state']}; this is the last known state",
             file=sys.stderr,
         )
     return 0
+
+
+def _size(value: object, *, binary: bool) -> str:
+    """Bytes as docker stats prints them: 48.29MiB (binary), 11.7kB (decimal)."""
+    if not isinstance(value, int | float):
+        return "-"
+    base, units = (
+        (1024.0, ("B", "KiB", "MiB", "GiB", "TiB"))
+        if binary
+        else (1000.0, ("B", "kB", "MB", "GB", "TB"))
+    )
+    number = float(value)
+    for unit in units[:-1]:
+        if number < base:
+            return f"{number:.4g}{unit}" if binary else f"{number:.3g}{unit}"
+        number /= base
+    return f"{number:.4g}{units[-1]}" if binary else f"{number:.3g}{units[-1]}"
+
+
+def _percent(value: object) -> str:
+    return f"{value:.2f}%" if isinstance(value, int | float) else "-"
+
+
+def _stats_cells(stats: dict[str, Any] | None) -> tuple[str, ...]:
+    """The --stats columns of one container; dashes when not running or not sampled yet."""
+    if not stats:
+        return ("-",) * 6
+    network = stats.get("network") or {}
+    rx = sum(i.get("rx_bytes", 0) for i in network.values())
+    tx = sum(i.get("tx_bytes", 0) for i in network.values())
+    return (
+        _percent(stats.get("cpu_percent")),
+        f"{_size(stats.get('memory_usage_bytes'), binary=True)} / "
+        f"{_size(stats.get('memory_limit_bytes'), binary=True)}",
+        _percent(stats.get("memory_percent")),
+        f"{_size(rx, binary=False)} / {_size(tx, binary=False)}",
+        f"{_size(stats.get('block_read_bytes'), binary=False)} / "
+        f"{_size(stats.get('block_write_bytes'), binary=False)}",
+        _dash(stats.get("pids")),
+    )
 
 
 class _EventPrinter:
@@ -348,6 +397,9 @@ def add_commands(commands: Any) -> None:
     )
     containers.add_argument(
         "--name", action="append", metavar="TEXT", help="only names containing TEXT (repeatable)"
+    )
+    containers.add_argument(
+        "--stats", action="store_true", help="add CPU, memory, network, block I/O and pids"
     )
     containers.set_defaults(handler=_run(_cmd_containers))
 

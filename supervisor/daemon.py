@@ -24,8 +24,10 @@ from supervisor.broadcast import ChangeFeed
 from supervisor.cache import Cache
 from supervisor.gateway import DockerGateway
 from supervisor.metrics import Metrics
+from supervisor.sampler import Sampler
 from supervisor.settings import Settings
 from supervisor.state import Backoff, ConnectionMachine
+from supervisor.stats import StatsCollector, StatsStore
 from supervisor.watcher import Watcher
 
 __all__ = [
@@ -57,6 +59,8 @@ class Runtime:
     watcher: Watcher
     metrics: Metrics
     started_at: float
+    stats: StatsStore
+    sampler: Sampler
 
 
 def build_runtime(settings: Settings, *, environ: Mapping[str, str] | None = None) -> Runtime:
@@ -81,8 +85,20 @@ def build_runtime(settings: Settings, *, environ: Mapping[str, str] | None = Non
         watch_settings=settings.watch,
         observer=metrics,
     )
-    runtime = Runtime(settings, cache, machine, feed, watcher, metrics, now)
+    stats = StatsStore(cache)
+    sampler = Sampler(
+        store=stats,
+        cache=cache,
+        machine=machine,
+        make_gateway=make_gateway,
+        settings=settings.stats,
+        synced=lambda: watcher.synced,
+        feed=feed,
+        registry=metrics.registry,
+    )
+    runtime = Runtime(settings, cache, machine, feed, watcher, metrics, now, stats, sampler)
     metrics.bind(runtime)
+    metrics.registry.register(StatsCollector(stats, cache, lambda: metrics.label_keys))
     return runtime
 
 
@@ -97,6 +113,7 @@ async def serve(
         if runtime.settings.metrics.listen:
             await tg.start(serve_metrics, runtime)
         await tg.start(runtime.watcher.serve)
+        await tg.start(runtime.sampler.serve)
         task_status.started()
 
 
