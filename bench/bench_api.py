@@ -91,6 +91,13 @@ class Target:
     label: str
     socket: str
     path: str
+    server_pid: int  # the process that answers (dockerd or the supervisor)
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time used so far by ``pid``."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 @dataclass
@@ -100,6 +107,8 @@ class Result:
     latencies: list[float]
     rps_one: float
     rps_many: float
+    #: Server CPU time per request during the throughput runs.
+    cpu_per_request: float
 
     @property
     def median_ms(self) -> float:
@@ -126,16 +135,21 @@ def _throughput_worker(socket_path: str, path: str, start_at: float, seconds: fl
         client.close()
 
 
-def throughput(target: Target, connections: int, seconds: float) -> float:
-    """Requests per second over ``connections`` client processes, each on one connection."""
+def throughput(target: Target, connections: int, seconds: float) -> tuple[float, int, float]:
+    """Over ``connections`` client processes, each on one connection: requests per
+    second, requests, and the server's CPU seconds meanwhile."""
     start_at = time.monotonic() + 0.5
     with ProcessPoolExecutor(connections, mp_context=get_context("fork")) as pool:
         futures = [
             pool.submit(_throughput_worker, target.socket, target.path, start_at, seconds)
             for _ in range(connections)
         ]
+        while time.monotonic() < start_at:
+            time.sleep(0.001)
+        cpu_before = cpu_seconds(target.server_pid)
         total = sum(f.result() for f in futures)
-    return total / seconds
+        cpu = cpu_seconds(target.server_pid) - cpu_before
+    return total / seconds, total, cpu
 
 
 def latencies(targets: list[Target], requests: int, rounds: int) -> dict[Target, list[float]]:
@@ -183,16 +197,20 @@ def create_containers(engine: PrivateDockerd, count: int, start: bool, image: st
 
 def markdown(results: list[Result], baseline: Result, connections: int) -> str:
     lines = [
-        f"| request | body | median | p99 | median vs Docker | req/s, 1 conn | req/s, {connections} conns | req/s vs Docker |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        f"| request | body | median | p99 | median vs Docker | req/s, 1 conn"
+        f" | req/s, {connections} conns | req/s vs Docker | server CPU/request |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results:
-        speedup = baseline.median_ms / r.median_ms
-        rps_ratio = r.rps_many / baseline.rps_many
+        if r is baseline:
+            speedup = rps_ratio = "baseline"
+        else:
+            speedup = f"{baseline.median_ms / r.median_ms:.1f}x lower"
+            rps_ratio = f"{r.rps_many / baseline.rps_many:.1f}x"
         lines.append(
             f"| {r.target.label} | {r.body_bytes / 1024:.0f} KiB | {r.median_ms:.3f} ms"
-            f" | {r.p99_ms:.3f} ms | {speedup:.1f}x faster | {r.rps_one:,.0f}"
-            f" | {r.rps_many:,.0f} | {rps_ratio:.1f}x |"
+            f" | {r.p99_ms:.3f} ms | {speedup} | {r.rps_one:,.0f}"
+            f" | {r.rps_many:,.0f} | {rps_ratio} | {r.cpu_per_request * 1e6:,.0f} µs |"
         )
     return "\n".join(lines)
 
@@ -227,21 +245,28 @@ def main(argv: list[str] | None = None) -> int:
             sup.wait_for(lambda s: s["synced"] and s["containers"] == args.containers, timeout=120)
             docker_sock = str(engine.socket_path)
             api_sock = str(sup.socket)
+            dockerd, supervisor = engine.pid, sup.pid
+            assert dockerd is not None
             label_filter = quote(json.dumps({"label": [f"{LABEL_KEY}=a"]}))
             targets = [
                 Target(
-                    "Docker `GET /containers/json?all=1`", docker_sock, "/containers/json?all=1"
+                    "Docker `GET /containers/json?all=1`",
+                    docker_sock,
+                    "/containers/json?all=1",
+                    dockerd,
                 ),
-                Target("supervisor `GET /v1/containers`", api_sock, "/v1/containers"),
+                Target("supervisor `GET /v1/containers`", api_sock, "/v1/containers", supervisor),
                 Target(
                     f"supervisor `GET /v1/containers?label={LABEL_KEY}=a`",
                     api_sock,
                     f"/v1/containers?label={LABEL_KEY}=a",
+                    supervisor,
                 ),
                 Target(
                     f"Docker `GET /containers/json?all=1&filters={{label:[{LABEL_KEY}=a]}}`",
                     docker_sock,
                     f"/containers/json?all=1&filters={label_filter}",
+                    dockerd,
                 ),
             ]
             sizes = {}
@@ -254,9 +279,15 @@ def main(argv: list[str] | None = None) -> int:
             results = []
             for t in targets:
                 log(f"throughput: {t.label} ...")
-                one = throughput(t, 1, args.seconds)
-                many = throughput(t, args.connections, args.seconds)
-                results.append(Result(t, sizes[t], measured[t], one, many))
+                one, requests_one, cpu_one = throughput(t, 1, args.seconds)
+                many, requests_many, cpu_many = throughput(t, args.connections, args.seconds)
+                cpu = (cpu_one + cpu_many) / max(1, requests_one + requests_many)
+                results.append(Result(t, sizes[t], measured[t], one, many, cpu))
+        load = os.getloadavg()[0]
+        print(
+            f"Load average {load:.1f} at the end of the run (2 CPUs means 2.0 is a full"
+            " machine): other work on the machine slows both sides alike, but lowers req/s."
+        )
         print(
             f"{args.containers} containers ({'created' if args.no_start else 'running'}),"
             f" Docker {docker_version['Version']} (API {docker_version['ApiVersion']}),"
