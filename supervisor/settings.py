@@ -26,6 +26,8 @@ from types import MappingProxyType
 from typing import Any, Final, Literal, TypeGuard, cast, get_type_hints
 
 __all__ = [
+    "ACTION_NAMES",
+    "ActionsSettings",
     "ApiSettings",
     "BackoffSettings",
     "ConfigError",
@@ -180,6 +182,26 @@ class StatsSettings:
         _check_section(self)
 
 
+#: The container actions an operator can allow in ``actions.allow``.
+ACTION_NAMES: Final = ("start", "stop", "restart", "remove", "logs")
+
+
+@dataclass(frozen=True, slots=True)
+class ActionsSettings:
+    """Container management through the API: which actions, on which containers, by whom."""
+
+    allow: tuple[str, ...] = ()
+    selector_labels: tuple[str, ...] = ()
+    selector_compose_projects: tuple[str, ...] = ()
+    allowed_uids: tuple[int, ...] = ()
+    allowed_gids: tuple[int, ...] = ()
+    allow_self: bool = False
+    timeout_seconds: float = 30.0
+
+    def __post_init__(self) -> None:
+        _check_section(self)
+
+
 @dataclass(frozen=True, slots=True)
 class Settings:
     """The whole configuration. Build it with ``load_settings()``; ``Settings()`` is the defaults."""
@@ -192,6 +214,7 @@ class Settings:
     log: LogSettings = field(default_factory=LogSettings)
     process: ProcessSettings = field(default_factory=ProcessSettings)
     stats: StatsSettings = field(default_factory=StatsSettings)
+    actions: ActionsSettings = field(default_factory=ActionsSettings)
     # Where each non-default value came from; set by load_settings(), not part of equality.
     _sources: Mapping[str, str] = field(default_factory=dict, init=False, repr=False, compare=False)
 
@@ -218,6 +241,7 @@ _SECTIONS: Final[dict[str, type[Any]]] = {
     "log": LogSettings,
     "process": ProcessSettings,
     "stats": StatsSettings,
+    "actions": ActionsSettings,
 }
 _SECTION_OF: Final[dict[type[Any], str]] = {cls: name for name, cls in _SECTIONS.items()}
 
@@ -349,6 +373,24 @@ _RULES: Final[dict[str, _Rule]] = {
     "process.socket_wait_seconds": _Rule(lambda v: v >= 0, "a number of seconds >= 0"),
     "stats.interval_seconds": _Rule(lambda v: v >= 0, "a number of seconds >= 0 (0 disables)"),
     "stats.concurrency": _Rule(lambda v: 1 <= v <= 64, "an integer 1..64"),
+    "actions.allow": _Rule(
+        lambda v: all(a in ACTION_NAMES for a in v) and len(set(v)) == len(v),
+        "a list of distinct actions among " + ", ".join(ACTION_NAMES),
+    ),
+    "actions.selector_labels": _Rule(
+        lambda v: all(item.partition("=")[0] for item in v),
+        "a list of label selectors KEY or KEY=VALUE, each with a non-empty KEY",
+    ),
+    "actions.selector_compose_projects": _Rule(
+        lambda v: all(v), "a list of non-empty compose project names"
+    ),
+    "actions.allowed_uids": _Rule(
+        lambda v: all(0 <= i <= _MAX_ID for i in v), f"user ids 0..{_MAX_ID}"
+    ),
+    "actions.allowed_gids": _Rule(
+        lambda v: all(0 <= i <= _MAX_ID for i in v), f"group ids 0..{_MAX_ID}"
+    ),
+    "actions.timeout_seconds": _SECONDS,
     "log.level": _Rule(lambda v: v in _LOG_LEVELS, "one of " + ", ".join(_LOG_LEVELS)),
     "log.format": _Rule(lambda v: v in _LOG_FORMATS, "one of " + ", ".join(_LOG_FORMATS)),
 }
