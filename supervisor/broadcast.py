@@ -46,20 +46,24 @@ class ChangeFeed:
             await event.wait()
 
 
-def _connection_line(machine: ConnectionMachine) -> bytes:
+def _connection_line(machine: ConnectionMachine, revision: int) -> bytes:
+    """A connection change; ``revision`` is the subscriber's, so resuming from it is safe."""
     error = machine.last_error.to_json() if machine.last_error else None
-    return (
-        dumps(
-            {"type": "connection", "revision": None, "state": machine.state.value, "error": error}
-        )
-        + b"\n"
-    )
+    line = {
+        "type": "connection",
+        "revision": revision,
+        "state": machine.state.value,
+        "error": error,
+    }
+    return dumps(line) + b"\n"
 
 
-def snapshot_line(cache: Cache, machine: ConnectionMachine) -> bytes:
-    return b'{"type":"snapshot","revision":%d,"state":%s,"containers":%s}\n' % (
+def snapshot_line(cache: Cache, machine: ConnectionMachine, *, stale: bool) -> bytes:
+    """Every record; ``stale`` tells a snapshot of a disconnected (or unsynced) mirror."""
+    return b'{"type":"snapshot","revision":%d,"state":%s,"stale":%s,"containers":%s}\n' % (
         cache.revision,
         dumps(machine.state.value),
+        b"true" if stale else b"false",
         cache.containers_json(),
     )
 
@@ -73,6 +77,7 @@ async def follow(
     max_lag: int,
     heartbeat_seconds: float,
     clock: Callable[[], float],
+    stale: Callable[[], bool] = lambda: False,
 ) -> AsyncGenerator[bytes, None]:
     """The NDJSON lines of one event-stream subscriber, until it overflows.
 
@@ -86,7 +91,7 @@ async def follow(
         if missed is None or len(missed) > max_lag:
             # Too far behind to catch up by deltas: a snapshot costs less than a resync.
             cursor = cache.revision
-            yield snapshot_line(cache, machine)
+            yield snapshot_line(cache, machine, stale=stale())
         else:
             cursor = since if since is not None else cache.revision
         seen_sequence = machine.sequence
@@ -95,7 +100,7 @@ async def follow(
             lines: list[bytes] = []
             if machine.sequence != seen_sequence:
                 seen_sequence = machine.sequence
-                lines.append(_connection_line(machine))
+                lines.append(_connection_line(machine, cursor))
             if cache.revision != cursor:
                 deltas = cache.deltas_since(cursor)
                 if deltas is None or cache.revision - cursor > max_lag:
@@ -104,7 +109,9 @@ async def follow(
                         dumps(
                             {
                                 "type": "resync",
-                                "revision": cache.revision,
+                                # The last revision this subscriber was sent: resuming
+                                # from it never skips a delta (it gets a snapshot).
+                                "revision": cursor,
                                 "reason": "subscriber fell behind; reconnect to get a fresh snapshot",
                             }
                         )

@@ -64,6 +64,7 @@ class Cache:
         self._json: dict[str, bytes] = {}
         self._history: deque[Delta] = deque(maxlen=history_size)
         self._list_json: tuple[int, bytes] | None = None
+        self._sorted: tuple[int, tuple[ContainerRecord, ...]] | None = None
 
     # -- reading -------------------------------------------------------------------
 
@@ -79,9 +80,13 @@ class Cache:
     def ids(self) -> set[str]:
         return set(self._records)
 
-    def records(self) -> list[ContainerRecord]:
-        """All records, ordered by name then id (a stable order for clients)."""
-        return sorted(self._records.values(), key=lambda r: (r.name, r.id))
+    def records(self) -> tuple[ContainerRecord, ...]:
+        """All records, ordered by name then id (a stable order for clients); sorted once per revision."""
+        cached = self._sorted
+        if cached is None or cached[0] != self.revision:
+            ordered = tuple(sorted(self._records.values(), key=lambda r: (r.name, r.id)))
+            cached = self._sorted = (self.revision, ordered)
+        return cached[1]
 
     def record_json(self, container_id: str) -> bytes:
         return self._json[container_id]
