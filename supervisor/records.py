@@ -21,6 +21,7 @@ from typing import Any
 
 __all__ = [
     "CONTAINER_STATES",
+    "HEALTH_STATES",
     "KNOWN_ACTIONS",
     "Compose",
     "ContainerRecord",
