@@ -37,12 +37,13 @@ import contextlib
 import functools
 import grp
 import http
+import inspect
 import os
 import socket
 import stat
 import struct
 import time
-from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Final
 from urllib.parse import parse_qsl, unquote
@@ -52,10 +53,11 @@ import h11
 from anyio.abc import TaskStatus
 from loguru import logger
 
+from supervisor.actions import ActionError, Outcome
 from supervisor.broadcast import follow
 from supervisor.cache import dumps
 from supervisor.daemon import Runtime, StartupError
-from supervisor.records import CONTAINER_STATES, ContainerRecord
+from supervisor.records import CONTAINER_STATES, ContainerRecord, parse_rfc3339
 from supervisor.settings import ApiSettings
 
 __all__ = [
@@ -91,7 +93,9 @@ _ERROR_CODES: Final[Mapping[int, str]] = {
     431: "head_too_large",
     500: "internal_error",
     501: "not_implemented",
+    502: "docker_error",
     503: "unavailable",
+    504: "timeout",
 }
 
 
@@ -162,7 +166,9 @@ class HttpError(Exception):
 
 # -- routing ---------------------------------------------------------------------------
 
-Handler = Callable[[Request, Mapping[str, str]], Response | StreamResponse]
+Answer = Response | StreamResponse
+#: Handlers that only read are plain functions; those that call Docker (actions) are async.
+Handler = Callable[[Request, Mapping[str, str]], Answer | Awaitable[Answer]]
 #: Route label for requests that match no route (bounded metric label values).
 OTHER_ROUTE: Final = "other"
 
@@ -202,7 +208,7 @@ class Router:
                 return template, params, methods
         return None
 
-    def dispatch(self, request: Request) -> tuple[str, Response | StreamResponse]:
+    async def dispatch(self, request: Request) -> tuple[str, Response | StreamResponse]:
         """The route label (a template or ``other``) and the answer."""
         found = self.match(request.path)
         route = found[0] if found else OTHER_ROUTE
@@ -220,7 +226,10 @@ class Router:
                     f"{request.method} is not allowed on {route}; use {allow}",
                     headers=[("allow", allow)],
                 )
-            return route, handler(request, params)
+            answer = handler(request, params)
+            if inspect.isawaitable(answer):
+                answer = await answer
+            return route, answer
         except HttpError as exc:
             return route, exc.response()
         except Exception:
@@ -643,7 +652,7 @@ class _Connection:
 
     async def _answer(self, request: Request) -> bool:
         """Answer one request; whether the connection may serve another."""
-        route, response = self.server.router.dispatch(request)
+        route, response = await self.server.router.dispatch(request)
         if isinstance(response, StreamResponse):
             return await self._stream(route, response)
         await self._respond(route, response)
@@ -774,8 +783,12 @@ class ApiApp:
                 "/v1/ready": {"GET": self.ready},
                 "/v1/status": {"GET": self.status},
                 "/v1/containers": {"GET": self.containers},
-                "/v1/containers/{ref}": {"GET": self.container},
+                "/v1/containers/{ref}": {"GET": self.container, "DELETE": self.remove},
                 "/v1/containers/{ref}/stats": {"GET": self.container_stats},
+                "/v1/containers/{ref}/start": {"POST": self.start},
+                "/v1/containers/{ref}/stop": {"POST": self.stop},
+                "/v1/containers/{ref}/restart": {"POST": self.restart},
+                "/v1/containers/{ref}/logs": {"GET": self.logs},
                 "/v1/events": {"GET": self.events},
                 "/metrics": {"GET": self.metrics},
             },
@@ -919,6 +932,122 @@ class ApiApp:
     def metrics(self, request: Request, params: Mapping[str, str]) -> Response:
         body, content_type = self.runtime.metrics.render()
         return Response(200, body, content_type)
+
+    # -- actions (supervisor.actions: policy, Docker, audit) -----------------------
+
+    async def start(self, request: Request, params: Mapping[str, str]) -> Response:
+        return await self._act("start", request, params)
+
+    async def stop(self, request: Request, params: Mapping[str, str]) -> Response:
+        return await self._act("stop", request, params)
+
+    async def restart(self, request: Request, params: Mapping[str, str]) -> Response:
+        return await self._act("restart", request, params)
+
+    async def remove(self, request: Request, params: Mapping[str, str]) -> Response:
+        return await self._act("remove", request, params)
+
+    async def _act(self, action: str, request: Request, params: Mapping[str, str]) -> Response:
+        actions = self.runtime.actions
+        timeout: int | None = None
+        force = volumes = False
+        try:
+            if action in ("stop", "restart"):
+                timeout = _Query(request, ("timeout",)).optional_int("timeout")
+                if timeout is not None and timeout > _MAX_STOP_TIMEOUT_SECONDS:
+                    raise HttpError(400, f"timeout must be at most {_MAX_STOP_TIMEOUT_SECONDS} s")
+            elif action == "remove":
+                query = _Query(request, ("force", "volumes"))
+                force, volumes = _flag(query, "force"), _flag(query, "volumes")
+            else:
+                _Query(request, ())
+        except HttpError as exc:
+            actions.reject(action, params["ref"], request.peer, dict(request.query), exc.message)
+            raise
+        try:
+            outcome = await actions.run(
+                action,
+                params["ref"],
+                request.peer,
+                timeout_seconds=timeout,
+                force=force,
+                volumes=volumes,
+            )
+        except ActionError as exc:
+            raise _action_error(exc) from None
+        return Response(200, self._envelope() + _outcome_json(outcome))
+
+    async def logs(self, request: Request, params: Mapping[str, str]) -> StreamResponse:
+        actions = self.runtime.actions
+        try:
+            query = _Query(request, ("tail", "since", "timestamps", "follow"))
+            tail = _tail(query)
+            since = _since(query)
+            timestamps, follow_ = _flag(query, "timestamps"), _flag(query, "follow")
+        except HttpError as exc:
+            actions.reject("logs", params["ref"], request.peer, dict(request.query), exc.message)
+            raise
+        try:
+            lines = await actions.open_logs(
+                params["ref"],
+                request.peer,
+                tail=tail,
+                since=since,
+                timestamps=timestamps,
+                follow=follow_,
+            )
+        except ActionError as exc:
+            raise _action_error(exc) from None
+        return StreamResponse(lines)
+
+
+#: The longest ``timeout`` a stop or restart may ask Docker to wait before it kills.
+_MAX_STOP_TIMEOUT_SECONDS: Final = 3600
+
+
+def _action_error(exc: ActionError) -> HttpError:
+    return HttpError(exc.status, exc.message, detail={"code": exc.code, **exc.detail})
+
+
+def _outcome_json(outcome: Outcome) -> bytes:
+    """The rest of an action's answer after the envelope: what was done, and the record now."""
+    record = dumps(outcome.record.to_json()) if outcome.record is not None else b"null"
+    return b'"action":%s,"id":%s,"name":%s,"changed":%s,"settled":%s,"container":%s}' % (
+        dumps(outcome.action),
+        dumps(outcome.container_id),
+        dumps(outcome.name),
+        b"true" if outcome.changed else b"false",
+        b"true" if outcome.settled else b"false",
+        record,
+    )
+
+
+def _tail(query: _Query) -> int | None:
+    """``tail``: a number of lines, or ``all`` (the default)."""
+    values = query.all("tail")
+    if values == ["all"]:
+        return None
+    return query.optional_int("tail")
+
+
+def _since(query: _Query) -> float | None:
+    """``since``: Unix seconds (fractions allowed) or an RFC 3339 time."""
+    values = query.all("since")
+    if not values:
+        return None
+    if len(values) > 1:
+        raise HttpError(400, "since given more than once")
+    text = values[0]
+    try:
+        seconds = float(text) if text.replace(".", "", 1).isdigit() else parse_rfc3339(text)
+    except ValueError:
+        seconds = -1.0
+    if not 0 <= seconds < 1e11:
+        raise HttpError(
+            400,
+            f"since must be Unix seconds or an RFC 3339 time such as 2026-01-31T12:00:00Z, not {text!r}",
+        )
+    return seconds
 
 
 class MetricsApp:

@@ -20,6 +20,7 @@ from anyio.abc import TaskStatus
 from loguru import logger
 
 from supervisor.access import resolve_endpoint
+from supervisor.actions import Actions, detect_own_container
 from supervisor.broadcast import ChangeFeed
 from supervisor.cache import Cache
 from supervisor.gateway import DockerGateway
@@ -61,6 +62,7 @@ class Runtime:
     started_at: float
     stats: StatsStore
     sampler: Sampler
+    actions: Actions
 
 
 def build_runtime(settings: Settings, *, environ: Mapping[str, str] | None = None) -> Runtime:
@@ -96,7 +98,19 @@ def build_runtime(settings: Settings, *, environ: Mapping[str, str] | None = Non
         feed=feed,
         registry=metrics.registry,
     )
-    runtime = Runtime(settings, cache, machine, feed, watcher, metrics, now, stats, sampler)
+    actions = Actions(
+        settings=settings.actions,
+        cache=cache,
+        machine=machine,
+        feed=feed,
+        synced=lambda: watcher.synced,
+        make_gateway=make_gateway,
+        registry=metrics.registry,
+        own=detect_own_container(env),
+    )
+    runtime = Runtime(
+        settings, cache, machine, feed, watcher, metrics, now, stats, sampler, actions
+    )
     metrics.bind(runtime)
     metrics.registry.register(StatsCollector(stats, cache, lambda: metrics.label_keys))
     return runtime
@@ -130,6 +144,7 @@ async def run_daemon(
                 settings.api.socket,
                 settings.metrics.listen or "off",
             )
+            logger.info("{}", runtime.actions.describe())
             if on_ready is not None:
                 on_ready(runtime)
             async for signum in signals:

@@ -48,11 +48,14 @@ from supervisor.settings import DockerSettings
 from supervisor.state import DockerFailure, ErrorKind
 
 __all__ = [
+    "ActionGateway",
+    "ActionSession",
     "DockerCallError",
     "DockerGateway",
     "DockerSession",
     "EventStream",
     "Gateway",
+    "LogStream",
     "Session",
     "classify",
 ]
@@ -127,11 +130,23 @@ async def _in_daemon_thread(func: Callable[[], T]) -> T:
 
 
 class DockerCallError(Exception):
-    """A Docker call failed; ``failure`` says how, and what to do about it."""
+    """A Docker call failed; ``failure`` says how, and what to do about it.
 
-    def __init__(self, failure: DockerFailure) -> None:
+    When Docker (or a proxy) answered with an HTTP error, ``status`` is its status
+    code and ``explanation`` Docker's own message; both are None when no answer came.
+    """
+
+    def __init__(
+        self,
+        failure: DockerFailure,
+        *,
+        status: int | None = None,
+        explanation: str | None = None,
+    ) -> None:
         super().__init__(f"{failure.kind.value}: {failure.message}")
         self.failure = failure
+        self.status = status
+        self.explanation = explanation
 
 
 # -- the interface the watcher sees (a fake implements it for unit tests) ------------
@@ -165,6 +180,37 @@ class Gateway(Protocol):
     endpoint: Endpoint
 
     async def open_session(self) -> Session: ...
+
+
+class LogStream(Protocol):
+    async def next(self) -> bytes | None:
+        """The next bytes of the log stream as they arrive, or None at its end."""
+
+    async def aclose(self) -> None: ...
+
+
+class ActionSession(Session, Protocol):
+    """A session that may also change containers (the actions issue); see :class:`DockerSession`."""
+
+    async def start(self, container_id: str) -> bool: ...
+    async def stop(self, container_id: str, timeout_seconds: int) -> bool: ...
+    async def restart(self, container_id: str, timeout_seconds: int) -> bool: ...
+    async def remove(self, container_id: str, *, force: bool, volumes: bool) -> bool: ...
+    async def open_logs(
+        self,
+        container_id: str,
+        *,
+        follow: bool,
+        tail: int | None,
+        since: float | None,
+        timestamps: bool,
+    ) -> LogStream: ...
+
+
+class ActionGateway(Protocol):
+    endpoint: Endpoint
+
+    async def open_session(self) -> ActionSession: ...
 
 
 # -- classification ------------------------------------------------------------------
@@ -333,7 +379,13 @@ class DockerGateway:
             http.client.HTTPException,
             OSError,
         ) as exc:
-            raise DockerCallError(classify(exc, self.endpoint, timeout_seconds=timeout)) from exc
+            answered = _status(exc)
+            explanation = getattr(exc, "explanation", None)
+            raise DockerCallError(
+                classify(exc, self.endpoint, timeout_seconds=timeout),
+                status=answered[0] if answered else None,
+                explanation=str(explanation) if explanation else None,
+            ) from exc
 
 
 class DockerSession:
@@ -394,8 +446,160 @@ class DockerSession:
 
         return DockerEventStream(await self.call(subscribe), self._gateway)
 
+    # -- actions: each True when Docker changed something, False when it answered 304
+    # (already started, already stopped). Docker's refusals keep their status on the
+    # DockerCallError (404 no such container, 409 conflict with its state).
+
+    async def start(self, container_id: str) -> bool:
+        return await self.call(lambda: self._change("POST", "/containers/{0}/start", container_id))
+
+    async def stop(self, container_id: str, timeout_seconds: int) -> bool:
+        return await self.call(
+            lambda: self._change(
+                "POST",
+                "/containers/{0}/stop",
+                container_id,
+                {"t": timeout_seconds},
+                timeout_seconds,
+            )
+        )
+
+    async def restart(self, container_id: str, timeout_seconds: int) -> bool:
+        return await self.call(
+            lambda: self._change(
+                "POST",
+                "/containers/{0}/restart",
+                container_id,
+                {"t": timeout_seconds},
+                timeout_seconds,
+            )
+        )
+
+    async def remove(self, container_id: str, *, force: bool, volumes: bool) -> bool:
+        params = {"force": int(force), "v": int(volumes), "link": 0}
+        return await self.call(
+            lambda: self._change("DELETE", "/containers/{0}", container_id, params)
+        )
+
+    def _change(
+        self,
+        method: str,
+        template: str,
+        container_id: str,
+        params: Mapping[str, object] | None = None,
+        extra_seconds: float = 0.0,
+    ) -> bool:
+        client = self._client
+        # Stop and restart wait up to their own timeout before Docker answers.
+        timeout = client.timeout + extra_seconds if client.timeout is not None else None
+        send = client._post if method == "POST" else client._delete
+        response = send(client._url(template, container_id), params=params, timeout=timeout)
+        try:
+            client._raise_for_status(response)
+            return bool(response.status_code != 304)
+        finally:
+            response.close()
+
+    async def open_logs(
+        self,
+        container_id: str,
+        *,
+        follow: bool,
+        tail: int | None,
+        since: float | None,
+        timestamps: bool,
+    ) -> DockerLogStream:
+        """``GET /containers/{id}/logs`` (stdout and stderr), its body to be read as it comes.
+
+        docker-py's ``logs()`` cannot be used: it demultiplexes the frames itself and
+        drops which stream each came from. The stream of ``follow`` has no read
+        timeout (a quiet container says nothing for hours); it ends when Docker ends
+        it (the container stopped) or when :meth:`DockerLogStream.aclose` closes it.
+        """
+        client = self._client
+        params: dict[str, object] = {
+            "stdout": 1,
+            "stderr": 1,
+            "follow": int(follow),
+            "timestamps": int(timestamps),
+            "tail": "all" if tail is None else tail,
+        }
+        if since is not None:
+            params["since"] = f"{since:.9f}"
+
+        def request() -> Any:
+            response = client._get(
+                client._url("/containers/{0}/logs", container_id), params=params, stream=True
+            )
+            try:
+                client._raise_for_status(response)
+            except BaseException:
+                response.close()
+                raise
+            if follow:
+                sock = _socket_of(response)
+                if sock is not None:
+                    sock.settimeout(None)
+            return response
+
+        return DockerLogStream(await self.call(request), self._gateway)
+
     async def aclose(self) -> None:
         await _in_daemon_thread(self._client.close)
+
+
+def _socket_of(response: Any) -> socket.socket | None:
+    """The socket under a streamed requests response (unix or TCP, TLS or not), if still open."""
+    try:
+        raw = response.raw._fp.fp.raw
+    except AttributeError:
+        return None
+    sock = getattr(raw, "_sock", None) or getattr(raw, "sock", None)
+    return sock if isinstance(sock, socket.socket) else None
+
+
+class DockerLogStream:
+    """A log response's body, read in a worker thread as it arrives; see :meth:`DockerSession.open_logs`.
+
+    Like :class:`DockerEventStream`, ``aclose()`` from another task ends a blocked
+    read (the socket is shut down under it), which then reports the end (None).
+    """
+
+    READ_BYTES = 65536
+
+    def __init__(self, response: Any, gateway: DockerGateway) -> None:
+        self._response = response
+        self._gateway = gateway
+        self._closed = False
+
+    def _next(self) -> bytes | None:
+        data: bytes = self._response.raw.read1(self.READ_BYTES)
+        return data or None
+
+    async def next(self) -> bytes | None:
+        if self._closed:
+            return None
+        try:
+            with self._gateway._translate(None):
+                return await _in_daemon_thread(self._next)
+        except Exception:
+            if self._closed:
+                return None  # aclose() pulled the connection from under the read
+            raise
+
+    async def aclose(self) -> None:
+        if not self._closed:
+            self._closed = True
+            with anyio.CancelScope(shield=True):
+                await _in_daemon_thread(self._close_quietly)
+
+    def _close_quietly(self) -> None:
+        sock = _socket_of(self._response)
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+        with contextlib.suppress(Exception):
+            self._response.close()
 
 
 class DockerEventStream:
