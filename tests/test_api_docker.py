@@ -327,11 +327,11 @@ def test_resume_older_than_the_history_gets_a_snapshot(
     short_tmp: Path,
     tag: str,
 ) -> None:
-    """With watch.history_size=3, a since from before seven changes gets a fresh snapshot."""
+    """With watch.history_size=2, a since from before seven changes gets a fresh snapshot."""
     with SupervisorProcess(
         docker_host,
         short_tmp / "api.sock",
-        extra_env={"SUPERVISOR_WATCH_HISTORY_SIZE": "3"},
+        extra_env={"SUPERVISOR_WATCH_HISTORY_SIZE": "2"},
         metrics_listen="",
     ) as sup:
         old = sup.wait_synced()["revision"]
@@ -340,7 +340,8 @@ def test_resume_older_than_the_history_gets_a_snapshot(
             docker_api.rename(cid, f"hls-{tag}-h{n}")
             settle(sup, docker_api)
         final = settle(sup, docker_api)
-        assert final["revision"] - old >= 4
+        # Coalescing may merge changes; at least 3 deltas still leave `old` out of a history of 2.
+        assert final["revision"] - old >= 3
         conn, response = sup.open_events(f"since={old}")
         try:
             line = next_line(response)
