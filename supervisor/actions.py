@@ -101,6 +101,10 @@ RESULTS: Final = (
     "bad_request",
     "cancelled",
 )
+_LOST_REMEDY: Final = (
+    "check that Docker is running (systemctl status docker); the supervisor reconnects by"
+    " itself, then look at the container before retrying"
+)
 #: Longest a session may take to close after an action.
 _CLOSE_SECONDS: Final = 2.0
 #: While following logs, how often the connection state is looked at without a change.
@@ -591,13 +595,21 @@ class Actions:
                 detail={"kind": "timeout"},
             )
         # No answer at all: Docker went away (or the connection broke) mid-call.
-        kind = "connection_lost" if failure.kind is ErrorKind.API_ERROR else failure.kind.value
+        if failure.kind is ErrorKind.API_ERROR:
+            kind, remedy = "connection_lost", _LOST_REMEDY
+            message = (
+                f"the connection to Docker broke during the {attempt.action} ({failure.message});"
+                " it may or may not have happened"
+            )
+        else:
+            kind, remedy = failure.kind.value, failure.remedy
+            message = f"Docker is not reachable: {failure.message}; nothing was done"
         return ActionError(
             409,
             "not_connected",
-            f"lost Docker during the {attempt.action}: {failure.message}",
+            message,
             result="not_connected",
-            detail={"kind": kind, "state": self._machine.state.value, "remedy": failure.remedy},
+            detail={"kind": kind, "state": self._machine.state.value, "remedy": remedy},
         )
 
     async def _settle(
