@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -28,6 +29,7 @@ from supervisor.access import (
     remedy,
     resolve_endpoint,
 )
+from supervisor.api import ApiApp, Peer, Request, StreamResponse
 from supervisor.daemon import Runtime, build_runtime
 from supervisor.settings import DockerSettings, load_settings
 from supervisor.state import ConnectionState, ErrorKind
@@ -184,8 +186,8 @@ async def _wait(predicate: Callable[[], bool], what: str, seconds: float = 15.0)
 
 
 @asynccontextmanager
-async def _watching(host: str) -> AsyncIterator[Runtime]:
-    runtime = build_runtime(_settings(host))  # type: ignore[arg-type]
+async def _watching(host: str, **extra: object) -> AsyncIterator[Runtime]:
+    runtime = build_runtime(_settings(host, **extra))  # type: ignore[arg-type]
     async with anyio.create_task_group() as tg:
         await tg.start(runtime.watcher.serve)
         try:
@@ -315,7 +317,7 @@ ALLOWED_CALLS = {
 def _template(path: str) -> str:
     path = path.split("?", 1)[0]
     path = re.sub(r"^/v\d+\.\d+", "", path)
-    return re.sub(r"^/containers/[0-9a-f]{12,64}/", "/containers/{id}/", path)
+    return re.sub(r"^/containers/[0-9a-f]{12,64}(?=/|$)", "/containers/{id}", path)
 
 
 async def test_supervisor_makes_only_the_calls_it_needs(
@@ -346,6 +348,75 @@ async def test_supervisor_makes_only_the_calls_it_needs(
     assert ("GET", "/events") in made and ("GET", "/containers/{id}/json") in made
     assert ("GET", "/_ping") in made
     assert made <= ALLOWED_CALLS, made - ALLOWED_CALLS
+
+
+#: The call each action adds (logs also inspects the container, a read already allowed).
+ACTION_CALLS = {
+    "start": ("POST", "/containers/{id}/start"),
+    "stop": ("POST", "/containers/{id}/stop"),
+    "restart": ("POST", "/containers/{id}/restart"),
+    "remove": ("DELETE", "/containers/{id}"),
+    "logs": ("GET", "/containers/{id}/logs"),
+}
+#: Each action as the API receives it: method and path suffix after /v1/containers/{id}.
+ACTION_REQUESTS = {
+    "start": ("POST", "/start"),
+    "restart": ("POST", "/restart"),
+    "logs": ("GET", "/logs"),
+    "stop": ("POST", "/stop"),
+    "remove": ("DELETE", ""),
+}
+
+
+def _running(runtime: Runtime, cid: str) -> Callable[[], bool]:
+    return lambda: (r := runtime.cache.get(cid)) is not None and r.running
+
+
+async def _attempt_every_action(runtime: Runtime, cid: str) -> dict[str, int]:
+    """Each action on ``cid`` through the API's router, as uid 0; the status of each."""
+    app = ApiApp(runtime)
+    statuses: dict[str, int] = {}
+    for action, (method, suffix) in ACTION_REQUESTS.items():
+        query = (("timeout", "0"),) if action in ("stop", "restart") else ()
+        request = Request(method, f"/v1/containers/{cid}{suffix}", query, Peer(os.getpid(), 0, 0))
+        _, answer = await app.router.dispatch(request)
+        if isinstance(answer, StreamResponse):
+            async with contextlib.aclosing(answer.chunks) as chunks:
+                assert b"hello" in b"".join([chunk async for chunk in chunks])
+            statuses[action] = 200
+        else:
+            statuses[action] = answer.status
+    return statuses
+
+
+async def test_actions_add_exactly_the_calls_they_need(
+    docker_api: docker.APIClient, docker_host: str, make_container: object, short_tmp: Path
+) -> None:
+    """With actions enabled, the recording shows each allowed action's one call and nothing else."""
+    proxy = RecordingProxy(docker_host.removeprefix("unix://"), str(short_tmp / "rec.sock"))
+    host = f"unix://{proxy.path}"
+    made: dict[str, set[tuple[str, str]]] = {}
+    async with anyio.create_task_group() as tg:
+        await tg.start(proxy.serve)
+        for allow in ("logs", "start,stop,restart,remove,logs"):
+            cid = await anyio.to_thread.run_sync(
+                lambda: make_container(
+                    ["/bin/sh", "-c", "echo hello; exec sleep 1000"], start=False
+                )  # type: ignore[operator]
+            )
+            await anyio.to_thread.run_sync(docker_api.start, cid)
+            first = len(proxy.requests)
+            async with _watching(host, **{"actions.allow": allow}) as runtime:
+                await _wait(_running(runtime, cid), "the container")
+                statuses = await _attempt_every_action(runtime, cid)
+            allowed = allow.split(",")
+            assert statuses == {a: 200 if a in allowed else 403 for a in ACTION_REQUESTS}
+            made[allow] = {(m, _template(p)) for m, p in proxy.requests[first:]}
+        tg.cancel_scope.cancel()
+    for allow, calls in made.items():
+        wanted = {ACTION_CALLS[a] for a in allow.split(",")}
+        assert calls - ALLOWED_CALLS == wanted, allow
+        assert ("GET", "/containers/{id}/json") in calls
 
 
 # -- behind a real HAProxy socket proxy ---------------------------------------------
