@@ -1,4 +1,5 @@
-"""Command-line clients of a running daemon: ``status``, ``containers``, ``watch``, ``healthcheck``.
+"""Command-line clients of a running daemon: ``status``, ``containers``, ``watch``, ``healthcheck``,
+and the actions ``start``, ``stop``, ``restart``, ``rm``, ``logs``.
 
 They talk to the API over its Unix socket like any other client (a small
 synchronous ``http.client`` connection), print an aligned table or one line per
@@ -79,10 +80,14 @@ class ApiClient:
 
     def get(self, path: str) -> tuple[int, Any]:
         """``GET path``: (status, decoded JSON body)."""
+        return self.call("GET", path)
+
+    def call(self, method: str, path: str, timeout: float | None = None) -> tuple[int, Any]:
+        """``METHOD path``: (status, decoded JSON body); ``timeout`` replaces the client's."""
         with self._errors():
-            conn = UnixHTTPConnection(self.socket_path, self.timeout)
+            conn = UnixHTTPConnection(self.socket_path, timeout or self.timeout)
             try:
-                conn.request("GET", path)
+                conn.request(method, path)
                 response = conn.getresponse()
                 body = response.read()
             finally:
@@ -90,7 +95,9 @@ class ApiClient:
         try:
             return response.status, json.loads(body)
         except ValueError:
-            raise ClientError(f"GET {path}: {response.status}, not JSON: {body[:200]!r}") from None
+            raise ClientError(
+                f"{method} {path}: {response.status}, not JSON: {body[:200]!r}"
+            ) from None
 
     def get_ok(self, path: str) -> Any:
         status, body = self.get(path)
@@ -103,7 +110,11 @@ class ApiClient:
         path = "/v1/events" + (f"?since={since}" if since is not None else "")
         # No read timeout: heartbeats come every api.heartbeat_seconds, but that
         # value is the daemon's to choose.
-        conn = UnixHTTPConnection(self.socket_path, None)
+        return self.ndjson(path, None)
+
+    def ndjson(self, path: str, timeout: float | None) -> Iterator[dict[str, Any]]:
+        """``GET path`` answered with NDJSON: the decoded lines until the stream ends."""
+        conn = UnixHTTPConnection(self.socket_path, timeout)
         try:
             with self._errors():
                 conn.request("GET", path)
@@ -364,8 +375,66 @@ def _cmd_healthcheck(args: argparse.Namespace) -> int:
     return 0 if status == 200 else 1
 
 
+#: How long the CLI waits for an action beyond its own timeout (the daemon bounds Docker's
+#: answer and the wait for the mirror by actions.timeout_seconds, 30 s by default, each).
+ACTION_WAIT_SECONDS = 75.0
+_DONE = {"start": "started", "stop": "stopped", "restart": "restarted", "remove": "removed"}
+
+
+def _cmd_action(args: argparse.Namespace) -> int:
+    action: str = args.action
+    ref = quote(args.ref, safe="")
+    pairs: list[tuple[str, str]] = []
+    method, path = "POST", f"/v1/containers/{ref}/{action}"
+    if action in ("stop", "restart") and args.timeout is not None:
+        pairs.append(("timeout", str(args.timeout)))
+    if action == "remove":
+        method, path = "DELETE", f"/v1/containers/{ref}"
+        pairs += [(flag, "1") for flag in ("force", "volumes") if getattr(args, flag)]
+    if pairs:
+        path += "?" + urlencode(pairs)
+    wait = ACTION_WAIT_SECONDS + ((args.timeout or 10) if action in ("stop", "restart") else 0)
+    status, body = _client(args).call(method, path, timeout=wait)
+    if status != 200:
+        raise ClientError(_error_message(path, status, body))
+    if args.json:
+        _print_json(body, sys.stdout)
+        return 0
+    container = body.get("container")
+    state = container["state"] if container else "gone"
+    notes = []
+    if not body.get("changed"):
+        notes.append(f"already {state}; nothing done")
+    if not body.get("settled"):
+        notes.append("the mirror has not shown the change yet")
+    extra = f" ({'; '.join(notes)})" if notes else ""
+    print(f"{_DONE[action]} {body['name']} ({body['id'][:12]}): {state}{extra}")
+    return 0
+
+
+def _cmd_logs(args: argparse.Namespace) -> int:
+    pairs = [("tail", args.tail)] if args.tail is not None else []
+    if args.since is not None:
+        pairs.append(("since", args.since))
+    pairs += [(flag, "1") for flag in ("timestamps", "follow") if getattr(args, flag)]
+    path = f"/v1/containers/{quote(args.ref, safe='')}/logs"
+    if pairs:
+        path += "?" + urlencode(pairs)
+    # Following has no end in time; otherwise each read may take as long as a request.
+    for line in _client(args).ndjson(path, None if args.follow else 30.0):
+        if args.json:
+            sys.stdout.write(json.dumps(line, ensure_ascii=False) + "\n")
+            sys.stdout.flush()
+            continue
+        out = sys.stderr if line.get("stream") == "stderr" else sys.stdout
+        stamp = f"{line['time']} " if line.get("time") else ""
+        out.write(f"{stamp}{line.get('line', '')}\n")
+        out.flush()
+    return 0
+
+
 def add_commands(commands: Any) -> None:
-    """Add the client subcommands (status, containers, watch, healthcheck) to ``commands``."""
+    """Add the client subcommands (status, containers, watch, healthcheck, actions) to ``commands``."""
 
     def common(parser: argparse.ArgumentParser) -> None:
         parser.add_argument(
@@ -416,3 +485,48 @@ def add_commands(commands: Any) -> None:
         "--ready", action="store_true", help="require a connection to Docker and a synced mirror"
     )
     healthcheck.set_defaults(handler=_run(_cmd_healthcheck))
+
+    # -- actions: allowed by the daemon's [actions] policy, refused (403) otherwise ----
+    ref_help = "container name, id, or id prefix (at least 4 characters)"
+    for action, help_text in (
+        ("start", "start a container"),
+        ("stop", "stop a container (SIGTERM, then SIGKILL after --timeout)"),
+        ("restart", "restart a container"),
+        ("rm", "remove a container"),
+    ):
+        parser = commands.add_parser(action, help=f"{help_text} (needs actions.allow)")
+        common(parser)
+        parser.add_argument("ref", metavar="REF", help=ref_help)
+        if action in ("stop", "restart"):
+            parser.add_argument(
+                "-t",
+                "--timeout",
+                type=int,
+                metavar="SECONDS",
+                help="seconds to wait for it to stop before killing it (default 10)",
+            )
+        if action == "rm":
+            parser.add_argument(
+                "-f", "--force", action="store_true", help="remove it even if it runs (kills it)"
+            )
+            parser.add_argument(
+                "-v", "--volumes", action="store_true", help="remove its anonymous volumes too"
+            )
+        parser.set_defaults(
+            handler=_run(_cmd_action), action="remove" if action == "rm" else action
+        )
+
+    logs = commands.add_parser(
+        "logs", help="print a container's logs, stdout to stdout and stderr to stderr"
+    )
+    common(logs)
+    logs.add_argument("ref", metavar="REF", help=ref_help)
+    logs.add_argument("--tail", metavar="N", help="only the last N lines (default: all)")
+    logs.add_argument(
+        "--since", metavar="TIME", help="only lines since Unix seconds or an RFC 3339 time"
+    )
+    logs.add_argument("-t", "--timestamps", action="store_true", help="prefix each line's time")
+    logs.add_argument(
+        "-f", "--follow", action="store_true", help="keep printing new lines until it stops"
+    )
+    logs.set_defaults(handler=_run(_cmd_logs))

@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 import time
 import uuid
@@ -498,3 +499,59 @@ def test_a_follower_that_leaves_frees_its_docker_stream(
         time.sleep(0.05)
     assert acting.fd_count() <= fds
     assert acting.get_json("/v1/health")["status"] == "ok"
+
+
+# -- the command line --------------------------------------------------------------------
+
+
+def cli(sup: SupervisorProcess, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "supervisor", *args, "--socket", str(sup.socket)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={k: v for k, v in os.environ.items() if not k.startswith("SUPERVISOR_")},
+    )
+
+
+def test_command_line_actions_and_logs(
+    acting: SupervisorProcess,
+    make_container: ContainerFactory,
+    docker_api: docker.APIClient,
+    tag: str,
+) -> None:
+    """stop, start, restart, rm and logs from the shell: one line each, errors on stderr with exit 1."""
+    name = f"hls-{tag}"
+    cid = make_container(
+        ["/bin/sh", "-c", "echo to-out; echo to-err >&2; exec sleep 1000"],
+        name=name,
+        labels=ACTING_LABELS,
+    )
+    wait_mirror(acting, cid, lambda c: c["state"] == "running")
+    done = cli(acting, "stop", name, "-t", "0")
+    assert (done.returncode, done.stdout) == (0, f"stopped {name} ({cid[:12]}): exited\n"), (
+        done.stderr
+    )
+    done = cli(acting, "start", name)
+    assert (done.returncode, done.stdout) == (0, f"started {name} ({cid[:12]}): running\n"), (
+        done.stderr
+    )
+    done = cli(acting, "restart", cid[:12], "--timeout", "0", "--json")
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["container"]["state"] == "running"
+
+    done = cli(acting, "logs", name, "--tail", "2")
+    assert done.returncode == 0, done.stderr
+    assert (done.stdout, done.stderr) == ("to-out\n", "to-err\n")
+    done = cli(acting, "logs", name, "--tail", "1", "--timestamps", "--json")
+    (line,) = [json.loads(text) for text in done.stdout.splitlines()]
+    assert line["line"] in ("to-out", "to-err") and line["time"]
+
+    done = cli(acting, "rm", name)
+    assert done.returncode == 1
+    assert "running" in done.stderr and "(409)" in done.stderr
+    done = cli(acting, "rm", name, "-f")
+    assert (done.returncode, done.stdout) == (0, f"removed {name} ({cid[:12]}): gone\n"), (
+        done.stderr
+    )
+    assert cid not in {c["Id"] for c in docker_api.containers(all=True)}
