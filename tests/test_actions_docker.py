@@ -414,8 +414,8 @@ def test_every_attempt_is_audited_and_counted(
 BOTH_STREAMS = [
     "/bin/sh",
     "-c",
-    "echo out one; sleep 0.05; echo err one >&2; sleep 0.05; echo out two; sleep 0.05;"
-    " echo err two >&2; sleep 0.05; printf 'no newline'",
+    "echo out one; sleep 0.1; echo err one >&2; sleep 0.1; echo out two; sleep 0.1;"
+    " echo err two >&2; sleep 0.1; printf 'no newline'",
 ]
 
 
