@@ -544,20 +544,20 @@ class Actions:
             raise ActionError(
                 504,
                 "timeout",
-                f"Docker did not answer within {limit:g} s; the {attempt.action} may still"
-                " happen (see actions.timeout_seconds)",
+                f"Docker did not answer within {limit:g} s (actions.timeout_seconds)"
+                + _may_still_happen(attempt.action),
                 result="timeout",
                 detail={"kind": "timeout"},
             ) from None
         except DockerCallError as exc:
-            raise self._docker_error(attempt, record, exc, limit) from None
+            raise self._docker_error(attempt, record, exc) from None
         finally:
             if session is not None and not (done and keep_session):
                 with anyio.move_on_after(_CLOSE_SECONDS, shield=True):
                     await session.aclose()
 
     def _docker_error(
-        self, attempt: _Attempt, record: ContainerRecord, exc: DockerCallError, limit: float
+        self, attempt: _Attempt, record: ContainerRecord, exc: DockerCallError
     ) -> ActionError:
         failure = exc.failure
         what = f"Docker refused to {attempt.action} {record.name}"
@@ -589,8 +589,8 @@ class Actions:
             return ActionError(
                 504,
                 "timeout",
-                f"Docker did not answer in time ({failure.message}); the {attempt.action}"
-                " may still happen",
+                f"Docker did not answer in time ({failure.message})"
+                + _may_still_happen(attempt.action),
                 result="timeout",
                 detail={"kind": "timeout"},
             )
@@ -598,8 +598,8 @@ class Actions:
         if failure.kind is ErrorKind.API_ERROR:
             kind, remedy = "connection_lost", _LOST_REMEDY
             message = (
-                f"the connection to Docker broke during the {attempt.action} ({failure.message});"
-                " it may or may not have happened"
+                f"the connection to Docker broke during the {attempt.action} ({failure.message})"
+                + _may_still_happen(attempt.action)
             )
         else:
             kind, remedy = failure.kind.value, failure.remedy
@@ -719,6 +719,10 @@ class Actions:
             seconds,
             f" ({reason})" if reason else "",
         )
+
+
+def _may_still_happen(action: str) -> str:
+    return "" if action == "logs" else f"; the {action} may still happen"
 
 
 def _show(value: object) -> str:
