@@ -34,10 +34,20 @@ DEBOOTSTRAP = ["--variant=minbase", "--include=python3,python3-venv", "bookworm"
 pytestmark = pytest.mark.slow
 
 
-def _run(command: list[str], *, env: dict[str, str] | None = None, timeout: float = 600, cwd: Path | None = None) -> str:
-    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=timeout, cwd=cwd)
+def _run(
+    command: list[str],
+    *,
+    env: dict[str, str] | None = None,
+    timeout: float = 600,
+    cwd: Path | None = None,
+) -> str:
+    done = subprocess.run(
+        command, capture_output=True, text=True, env=env, timeout=timeout, cwd=cwd
+    )
     if done.returncode != 0:
-        raise AssertionError(f"{' '.join(command)} failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
+        raise AssertionError(
+            f"{' '.join(command)} failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+        )
     return done.stdout
 
 
@@ -64,7 +74,9 @@ def _ensure_base_image(host: str, api: docker.APIClient) -> None:
             partial.replace(cached)
         finally:
             shutil.rmtree(root, ignore_errors=True)
-    _run(["sh", "-c", f'docker import - {BASE_TAG} < "{cached}"'], env=_docker_env(host), timeout=300)
+    _run(
+        ["sh", "-c", f'docker import - {BASE_TAG} < "{cached}"'], env=_docker_env(host), timeout=300
+    )
 
 
 @dataclass(frozen=True)
@@ -82,11 +94,37 @@ def supervisor_image(docker_host: str, docker_api: docker.APIClient) -> Iterator
     try:
         for name in ("Dockerfile", "pyproject.toml", "README.md", ".dockerignore"):
             shutil.copy(REPO / name, context / name)
-        shutil.copytree(REPO / "supervisor", context / "supervisor", ignore=shutil.ignore_patterns("__pycache__"))
+        shutil.copytree(
+            REPO / "supervisor",
+            context / "supervisor",
+            ignore=shutil.ignore_patterns("__pycache__"),
+        )
         (context / "wheelhouse").mkdir()
-        _run([sys.executable, "-m", "pip", "wheel", "-q", str(context), "-w", str(context / "wheelhouse")], timeout=600)
         _run(
-            ["docker", "build", "--network", "none", "--build-arg", f"BASE_IMAGE={BASE_TAG}", "-t", IMAGE_TAG, str(context)],
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "wheel",
+                "-q",
+                str(context),
+                "-w",
+                str(context / "wheelhouse"),
+            ],
+            timeout=600,
+        )
+        _run(
+            [
+                "docker",
+                "build",
+                "--network",
+                "none",
+                "--build-arg",
+                f"BASE_IMAGE={BASE_TAG}",
+                "-t",
+                IMAGE_TAG,
+                str(context),
+            ],
             env=_docker_env(docker_host),
             timeout=900,
         )
@@ -106,7 +144,9 @@ def _free_port() -> int:
 class ComposeProject:
     """docker-compose (v1, Debian's) on a copy of the repo's compose files."""
 
-    def __init__(self, image: BuiltImage, socket_path: str, files: list[str], env: dict[str, str]) -> None:
+    def __init__(
+        self, image: BuiltImage, socket_path: str, files: list[str], env: dict[str, str]
+    ) -> None:
         self.dir = Path(tempfile.mkdtemp(prefix="hls-compose-"))
         for name in ("compose.yaml", "compose.adaptive.yaml", "compose.proxy.yaml"):
             shutil.copy(REPO / name, self.dir / name)
@@ -160,7 +200,9 @@ class ComposeProject:
 
 
 @pytest.fixture
-def compose_project(supervisor_image: BuiltImage, docker_daemon: object) -> Iterator[Callable[..., ComposeProject]]:
+def compose_project(
+    supervisor_image: BuiltImage, docker_daemon: object
+) -> Iterator[Callable[..., ComposeProject]]:
     """Factory of compose projects on the test engine, each taken down (with volumes) afterwards."""
     projects: list[ComposeProject] = []
     socket_path = supervisor_image.host.removeprefix("unix://")
@@ -181,7 +223,9 @@ def _socket_gid(image: BuiltImage) -> int:
     return os.stat(image.host.removeprefix("unix://")).st_gid
 
 
-def test_image_runs_as_non_root_with_healthcheck(supervisor_image: BuiltImage, docker_api: docker.APIClient) -> None:
+def test_image_runs_as_non_root_with_healthcheck(
+    supervisor_image: BuiltImage, docker_api: docker.APIClient
+) -> None:
     """The image: non-root user, healthcheck, SIGTERM stop signal, OCI labels, no compiler."""
     config = docker_api.inspect_image(supervisor_image.tag)["Config"]
     assert config["User"] == "10001:10001"
@@ -212,21 +256,46 @@ def test_without_the_socket_group_is_denied_with_the_remedy(
 
 
 def test_group_add_connects_and_serves_the_consumer(
-    compose_project: Callable[..., ComposeProject], supervisor_image: BuiltImage, make_container: Callable[..., str]
+    compose_project: Callable[..., ComposeProject],
+    supervisor_image: BuiltImage,
+    make_container: Callable[..., str],
 ) -> None:
     """The fix: group_add with the socket's GID connects; the consumer lists containers; healthy; metrics served."""
     name = f"marker-{uuid.uuid4().hex[:6]}"
     make_container(name=name)
-    project = compose_project(["compose.yaml"], DOCKER_GID=str(_socket_gid(supervisor_image)), COMPOSE_PROFILES="example")
+    project = compose_project(
+        ["compose.yaml"], DOCKER_GID=str(_socket_gid(supervisor_image)), COMPOSE_PROFILES="example"
+    )
     project.compose("up", "-d", "--no-build", timeout=240)
-    project.wait(lambda: project.status()["state"] == "connected" and project.status()["synced"] is True, "connected")
     project.wait(
-        lambda: _run(["docker", "inspect", "-f", "{{.State.Health.Status}}", project.container("supervisor")], env=project.env).strip() == "healthy",
+        lambda: project.status()["state"] == "connected" and project.status()["synced"] is True,
+        "connected",
+    )
+    project.wait(
+        lambda: (
+            _run(
+                [
+                    "docker",
+                    "inspect",
+                    "-f",
+                    "{{.State.Health.Status}}",
+                    project.container("supervisor"),
+                ],
+                env=project.env,
+            ).strip()
+            == "healthy"
+        ),
         "healthy",
         seconds=90,
     )
-    project.wait(lambda: name in project.compose("logs", "--no-color", "backend-example"), "the consumer's listing", 90)
-    with urllib.request.urlopen(f"http://127.0.0.1:{project.metrics_port}/metrics", timeout=5) as response:
+    project.wait(
+        lambda: name in project.compose("logs", "--no-color", "backend-example"),
+        "the consumer's listing",
+        90,
+    )
+    with urllib.request.urlopen(
+        f"http://127.0.0.1:{project.metrics_port}/metrics", timeout=5
+    ) as response:
         assert b"homelabarr_supervisor_docker_up 1.0" in response.read()
 
 
@@ -237,7 +306,10 @@ def test_adaptive_mode_drops_to_non_root_with_the_socket_group(
     project = compose_project(["compose.yaml", "compose.adaptive.yaml"])
     project.compose("up", "-d", "--no-build")
     project.wait(lambda: project.status()["state"] == "connected", "connected")
-    status = _run(["docker", "exec", project.container("supervisor"), "cat", "/proc/1/status"], env=project.env)
+    status = _run(
+        ["docker", "exec", project.container("supervisor"), "cat", "/proc/1/status"],
+        env=project.env,
+    )
     fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
     assert fields["Uid"].split() == ["10001"] * 4
     assert str(_socket_gid(supervisor_image)) in fields["Groups"].split()
@@ -245,7 +317,9 @@ def test_adaptive_mode_drops_to_non_root_with_the_socket_group(
     assert int(fields["CapPrm"], 16) == 0
 
 
-def test_down_leaves_nothing_behind(compose_project: Callable[..., ComposeProject], docker_api: docker.APIClient) -> None:
+def test_down_leaves_nothing_behind(
+    compose_project: Callable[..., ComposeProject], docker_api: docker.APIClient
+) -> None:
     """docker-compose down -v removes every container, volume and network of the project."""
     project = compose_project(["compose.yaml"])
     project.compose("up", "-d", "--no-build")
@@ -257,7 +331,9 @@ def test_down_leaves_nothing_behind(compose_project: Callable[..., ComposeProjec
     assert docker_api.networks(filters={"label": label}) == []
 
 
-def test_compose_files_are_valid(supervisor_image: BuiltImage, compose_project: Callable[..., ComposeProject]) -> None:
+def test_compose_files_are_valid(
+    supervisor_image: BuiltImage, compose_project: Callable[..., ComposeProject]
+) -> None:
     """Every documented combination of compose files passes docker-compose config."""
     for files, env in (
         (["compose.yaml"], {}),
