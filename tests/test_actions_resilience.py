@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from tests.daemon_proc import SupervisorProcess, request
+from tests.daemon_proc import SupervisorProcess, UnixHTTPConnection, request
 from tests.dockerd import ContainerFactory, PrivateDockerd
 
 pytestmark = pytest.mark.docker
@@ -45,12 +45,12 @@ def in_background(func: Callable[[], Any]) -> Callable[[], Any]:
 def test_docker_hanging_or_dying_mid_action(
     private_dockerd: PrivateDockerd, short_tmp: Path
 ) -> None:
-    """SIGSTOP mid-stop: 504 within the timeout, then 409 kind timeout; SIGKILL mid-stop: 409; health stays 200."""
+    """SIGSTOP mid-stop: 504 within the bound, a follow ends, then 409 kind timeout; SIGKILL mid-stop: 409."""
     with private_dockerd.api() as api:
         factory = ContainerFactory(api)
         cid = factory(STUBBORN, name="stubborn")
     env = {
-        "SUPERVISOR_ACTIONS_ALLOW": "start,stop,restart",
+        "SUPERVISOR_ACTIONS_ALLOW": "start,stop,restart,logs",
         "SUPERVISOR_ACTIONS_TIMEOUT_SECONDS": "2",
         "SUPERVISOR_DOCKER_PING_INTERVAL_SECONDS": "0.5",
         "SUPERVISOR_DOCKER_PING_TIMEOUT_SECONDS": "1",
@@ -65,6 +65,10 @@ def test_docker_hanging_or_dying_mid_action(
     ) as sup:
         sup.wait_synced()
         time.sleep(0.3)  # let the shell install its trap
+        follower = UnixHTTPConnection(sup.socket, timeout=15)
+        follower.request("GET", f"/v1/containers/{cid}/logs?follow=1")
+        following = follower.getresponse()
+        assert following.status == 200
         try:
             # Hung: Docker accepts the stop, then stops answering. Bound: 2 s + timeout 3 s.
             pending = in_background(
@@ -79,6 +83,7 @@ def test_docker_hanging_or_dying_mid_action(
             assert 4.0 <= seconds < 8.0, seconds
 
             sup.wait_for(lambda s: s["state"] != "connected", timeout=10)
+            assert following.read() == b""  # the follow ends with the connection, cleanly
             status, body, seconds = call(sup, "POST", f"/v1/containers/{cid}/start")
             assert status == 409, body
             assert body["error"]["code"] == "not_connected"
@@ -87,12 +92,19 @@ def test_docker_hanging_or_dying_mid_action(
             assert seconds < 1.0  # refused at once, not queued
         finally:
             os.kill(dockerd, signal.SIGCONT)
+            follower.close()
 
         sup.wait_synced(timeout=20)
-        status, body, _ = call(sup, "POST", f"/v1/containers/{cid}/restart?timeout=0")
+        # Resumed, Docker finishes the stop it had accepted (SIGKILL after its 3 s): wait for
+        # that, so it cannot kill the run started next.
+        deadline = time.monotonic() + 15
+        while sup.get_json(f"/v1/containers/{cid}")["container"]["state"] == "running":
+            assert time.monotonic() < deadline, "the accepted stop never finished"
+            time.sleep(0.05)
+        status, body, _ = call(sup, "POST", f"/v1/containers/{cid}/start")
         assert status == 200, body
         assert body["container"]["state"] == "running"
-        time.sleep(0.3)
+        time.sleep(0.3)  # let the shell install its trap
 
         # Dead: the engine is killed while Docker waits out the stop's timeout.
         pending = in_background(lambda: call(sup, "POST", f"/v1/containers/{cid}/stop?timeout=5"))
