@@ -88,7 +88,7 @@ _ERROR_CODES: Final[Mapping[int, str]] = {
     404: "not_found",
     405: "method_not_allowed",
     408: "request_timeout",
-    409: "ambiguous",
+    409: "conflict",
     413: "body_too_large",
     431: "head_too_large",
     500: "internal_error",
@@ -776,7 +776,6 @@ class ApiApp:
     def __init__(self, runtime: Runtime) -> None:
         self.runtime = runtime
         self.api = runtime.settings.api
-        self._sorted: tuple[int | None, list[ContainerRecord]] = (None, [])
         self.router = Router(
             {
                 "/v1/health": {"GET": self.health},
@@ -811,12 +810,22 @@ class ApiApp:
 
     # -- helpers -------------------------------------------------------------------
 
-    def _records(self) -> list[ContainerRecord]:
-        """The cache's records in its order, sorted once per revision (filters scan them)."""
-        revision = self.runtime.cache.revision
-        if self._sorted[0] != revision:
-            self._sorted = (revision, self.runtime.cache.records())
-        return self._sorted[1]
+    def _lookup(self, ref: str) -> ContainerRecord:
+        """The one container ``ref`` names (id, name or id prefix), or 404 / 409."""
+        found = self.runtime.cache.find(ref)
+        if not found:
+            hint = "" if len(ref) >= 4 else " (an id prefix needs at least 4 characters)"
+            raise HttpError(404, f"no container with id, name or id prefix {ref!r}{hint}")
+        if len(found) > 1:
+            raise HttpError(
+                409,
+                f"{ref!r} is a prefix of {len(found)} container ids; give more characters",
+                detail={
+                    "code": "ambiguous",
+                    "matches": [{"id": r.id, "name": r.name} for r in found],
+                },
+            )
+        return found[0]
 
     @property
     def stale(self) -> bool:
@@ -869,7 +878,7 @@ class ApiApp:
                 b"["
                 + b",".join(
                     cache.record_json(r.id)
-                    for r in self._records()
+                    for r in cache.records()
                     if _matches(r, states, labels, names)
                 )
                 + b"]"
@@ -879,17 +888,7 @@ class ApiApp:
     def container_stats(self, request: Request, params: Mapping[str, str]) -> Response:
         _Query(request, ())
         ref = params["ref"]
-        found = self.runtime.cache.find(ref)
-        if not found:
-            hint = "" if len(ref) >= 4 else " (an id prefix needs at least 4 characters)"
-            raise HttpError(404, f"no container with id, name or id prefix {ref!r}{hint}")
-        if len(found) > 1:
-            raise HttpError(
-                409,
-                f"{ref!r} is a prefix of {len(found)} container ids; give more characters",
-                detail={"matches": [{"id": r.id, "name": r.name} for r in found]},
-            )
-        record = found[0]
+        record = self._lookup(ref)
         stats = self.runtime.stats.json_bytes(record.id)  # null: not running or not sampled yet
         return Response(
             200,
@@ -900,18 +899,7 @@ class ApiApp:
     def container(self, request: Request, params: Mapping[str, str]) -> Response:
         _Query(request, ())
         ref = params["ref"]
-        cache = self.runtime.cache
-        found = cache.find(ref)
-        if not found:
-            hint = "" if len(ref) >= 4 else " (an id prefix needs at least 4 characters)"
-            raise HttpError(404, f"no container with id, name or id prefix {ref!r}{hint}")
-        if len(found) > 1:
-            raise HttpError(
-                409,
-                f"{ref!r} is a prefix of {len(found)} container ids; give more characters",
-                detail={"matches": [{"id": r.id, "name": r.name} for r in found]},
-            )
-        record_json = cache.record_json(found[0].id)
+        record_json = self.runtime.cache.record_json(self._lookup(ref).id)
         return Response(200, self._envelope() + b'"container":' + record_json + b"}")
 
     def events(self, request: Request, params: Mapping[str, str]) -> StreamResponse:
@@ -926,6 +914,7 @@ class ApiApp:
                 max_lag=self.api.subscriber_queue_size,
                 heartbeat_seconds=self.api.heartbeat_seconds,
                 clock=time.monotonic,
+                stale=lambda: self.stale,
             )
         )
 

@@ -333,8 +333,9 @@ async def test_supervisor_makes_only_the_calls_it_needs(
             await _wait(
                 lambda: (r := runtime.cache.get(cid)) is not None and r.running, "the start"
             )
-            for call in (docker_api.pause, docker_api.unpause, docker_api.stop):
+            for call in (docker_api.pause, docker_api.unpause):
                 await anyio.to_thread.run_sync(call, cid)
+            await anyio.to_thread.run_sync(lambda: docker_api.stop(cid, timeout=1))
             await anyio.to_thread.run_sync(lambda: docker_api.rename(cid, "lp-two"))
             await _wait(
                 lambda: (r := runtime.cache.get(cid)) is not None and r.name == "lp-two",
