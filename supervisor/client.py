@@ -13,6 +13,7 @@ import argparse
 import contextlib
 import http.client
 import json
+import os
 import socket
 import sys
 import time
@@ -34,9 +35,11 @@ class ClientError(Exception):
 
 
 class UnixHTTPConnection(http.client.HTTPConnection):
-    def __init__(self, path: str, timeout: float | None) -> None:
+    """``http.client`` over a Unix socket (the API's, or Docker's for the doctor)."""
+
+    def __init__(self, path: str | os.PathLike[str], timeout: float | None) -> None:
         super().__init__("localhost", timeout=timeout)
-        self.socket_path = path
+        self.socket_path = os.fspath(path)
 
     def connect(self) -> None:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)

@@ -12,7 +12,6 @@ import errno
 import http.client
 import json
 import os
-import socket
 import ssl
 import time
 from collections.abc import Mapping
@@ -30,6 +29,7 @@ from supervisor.access import (
     resolve_endpoint,
     socket_facts,
 )
+from supervisor.client import UnixHTTPConnection
 from supervisor.settings import DockerSettings
 
 __all__ = ["Check", "Diagnosis", "EndpointReport", "diagnose"]
@@ -155,25 +155,9 @@ class Diagnosis:
 # -- probing -------------------------------------------------------------------------
 
 
-class _UnixConnection(http.client.HTTPConnection):
-    def __init__(self, path: str, timeout: float) -> None:
-        super().__init__("localhost", timeout=timeout)
-        self._path = path
-
-    def connect(self) -> None:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(self.timeout)
-        try:
-            sock.connect(self._path)
-        except OSError:
-            sock.close()
-            raise
-        self.sock = sock
-
-
 def _connection(endpoint: Endpoint, settings: DockerSettings) -> http.client.HTTPConnection:
     if endpoint.socket_path:
-        return _UnixConnection(endpoint.socket_path, PROBE_TIMEOUT_SECONDS)
+        return UnixHTTPConnection(endpoint.socket_path, PROBE_TIMEOUT_SECONDS)
     parsed = urlparse(endpoint.url)
     host = parsed.hostname or "localhost"
     port = parsed.port or (2376 if settings.tls_verify else 2375)

@@ -27,6 +27,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from supervisor.client import UnixHTTPConnection
+
 REPO = Path(__file__).resolve().parent.parent
 
 # The daemon must not inherit the test run's settings by accident.
@@ -35,24 +37,6 @@ _DROPPED_ENV_PREFIXES = ("SUPERVISOR_", "DOCKER_")
 
 class SupervisorError(RuntimeError):
     """The daemon did not start, or did something a test did not expect."""
-
-
-class UnixHTTPConnection(http.client.HTTPConnection):
-    """``http.client`` over a Unix socket."""
-
-    def __init__(self, path: str | os.PathLike[str], timeout: float = 5.0) -> None:
-        super().__init__("localhost", timeout=timeout)
-        self.socket_path = os.fspath(path)
-
-    def connect(self) -> None:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(self.timeout)
-        try:
-            sock.connect(self.socket_path)
-        except BaseException:
-            sock.close()
-            raise
-        self.sock = sock
 
 
 def request(
