@@ -209,7 +209,14 @@ def run(options: Options) -> Section:
             "Where the backoff stood when dockerd came back:",
             "",
             table(
-                ("signal", "state", "error", "attempts", "next attempt was in", "recovery"),
+                (
+                    "signal",
+                    "state",
+                    "error",
+                    "attempts since the loss",
+                    "next attempt was in",
+                    "recovery",
+                ),
                 detail,
             ),
         ]
