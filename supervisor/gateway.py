@@ -19,6 +19,7 @@ the version is negotiated, never pinned.
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import errno
 import http.client
@@ -31,7 +32,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Protocol, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 import anyio
 import anyio.from_thread
@@ -558,25 +559,24 @@ def _socket_of(response: Any) -> socket.socket | None:
     return sock if isinstance(sock, socket.socket) else None
 
 
-class DockerLogStream:
-    """A log response's body, read in a worker thread as it arrives; see :meth:`DockerSession.open_logs`.
+class _BlockingStream(abc.ABC, Generic[T]):
+    """A blocking reader run one read at a time in a daemon thread.
 
-    Like :class:`DockerEventStream`, ``aclose()`` from another task ends a blocked
-    read (the socket is shut down under it), which then reports the end (None).
+    ``aclose()`` from another task pulls the connection from under a blocked read,
+    which then reports the end (None) rather than whatever it tripped over.
     """
 
-    READ_BYTES = 65536
-
-    def __init__(self, response: Any, gateway: DockerGateway) -> None:
-        self._response = response
+    def __init__(self, gateway: DockerGateway) -> None:
         self._gateway = gateway
         self._closed = False
 
-    def _next(self) -> bytes | None:
-        data: bytes = self._response.raw.read1(self.READ_BYTES)
-        return data or None
+    @abc.abstractmethod
+    def _next(self) -> T | None: ...
 
-    async def next(self) -> bytes | None:
+    @abc.abstractmethod
+    def _close_quietly(self) -> None: ...
+
+    async def next(self) -> T | None:
         if self._closed:
             return None
         try:
@@ -584,7 +584,9 @@ class DockerLogStream:
                 return await _in_daemon_thread(self._next)
         except Exception:
             if self._closed:
-                return None  # aclose() pulled the connection from under the read
+                # http.client races the close and can fail with AttributeError: this
+                # is the end of the stream all the same.
+                return None
             raise
 
     async def aclose(self) -> None:
@@ -592,6 +594,20 @@ class DockerLogStream:
             self._closed = True
             with anyio.CancelScope(shield=True):
                 await _in_daemon_thread(self._close_quietly)
+
+
+class DockerLogStream(_BlockingStream[bytes]):
+    """A log response's body, read as it arrives; see :meth:`DockerSession.open_logs`."""
+
+    READ_BYTES = 65536
+
+    def __init__(self, response: Any, gateway: DockerGateway) -> None:
+        super().__init__(gateway)
+        self._response = response
+
+    def _next(self) -> bytes | None:
+        data: bytes = self._response.raw.read1(self.READ_BYTES)
+        return data or None
 
     def _close_quietly(self) -> None:
         sock = _socket_of(self._response)
@@ -602,18 +618,16 @@ class DockerLogStream:
             self._response.close()
 
 
-class DockerEventStream:
-    """docker-py's blocking event iterator, read one event at a time in a worker thread.
+class DockerEventStream(_BlockingStream[object]):
+    """docker-py's event iterator, one event at a time.
 
     docker-py gives the stream no read timeout; the watcher's liveness ping closes
-    it when Docker stops answering. ``close()`` from another thread ends the
-    blocked read, which then reports a normal end (None).
+    it when Docker stops answering.
     """
 
     def __init__(self, stream: Any, gateway: DockerGateway) -> None:
+        super().__init__(gateway)
         self._stream = stream
-        self._gateway = gateway
-        self._closed = False
         self._buffer = b""
 
     def _next(self) -> object:
@@ -633,26 +647,6 @@ class DockerEventStream:
                 return json.loads(line)
             except ValueError:
                 return line
-
-    async def next(self) -> object:
-        if self._closed:
-            return None
-        try:
-            with self._gateway._translate(None):
-                return await _in_daemon_thread(self._next)
-        except Exception:
-            if self._closed:
-                # aclose() pulled the connection from under the read; whatever the
-                # read tripped over on its way out (http.client races the close and
-                # can fail with AttributeError), this is the end of the stream.
-                return None
-            raise
-
-    async def aclose(self) -> None:
-        if not self._closed:
-            self._closed = True
-            with anyio.CancelScope(shield=True):
-                await _in_daemon_thread(self._close_quietly)
 
     def _close_quietly(self) -> None:
         # The stream may already be broken: closing is best effort. docker-py's
