@@ -38,6 +38,7 @@ from bench import (
     median,
     ms,
     percentile,
+    private_engine,
     standalone,
     table,
 )
@@ -74,7 +75,6 @@ def _await(
 
 
 def run(options: Options) -> Section:
-    from bench import private_engine
     from tests.daemon_proc import SupervisorProcess
 
     cycles = 20 if options.quick else 100

@@ -200,13 +200,16 @@ class Follower(threading.Thread):
         self.stopping = threading.Event()
         self._conn: UnixHTTPConnection | None = None
         self._lock = threading.Lock()
+        self._reading = False
 
     def run(self) -> None:
         while not self.stopping.is_set():
+            self._reading = False
             try:
                 self._follow_once()
             except TimeoutError:
-                self.errors.append(f"no line for {FOLLOWER_READ_TIMEOUT_SECONDS:g} s")
+                if self._reading:  # a live stream sends a heartbeat every second
+                    self.errors.append(f"no line for {FOLLOWER_READ_TIMEOUT_SECONDS:g} s")
             except (OSError, http.client.HTTPException, ValueError):
                 # The daemon hung up on us (or refused us in a flood): resume shortly.
                 self.stopping.wait(0.1)
@@ -229,6 +232,7 @@ class Follower(threading.Thread):
                 return
             if self.revision is not None:
                 self.resumes += 1
+            self._reading = True
             hang_up_at = time.monotonic() + self.hang_up_every
             while not self.stopping.is_set() and time.monotonic() < hang_up_at:
                 line = response.readline()
@@ -528,7 +532,10 @@ class Worker(threading.Thread):
                 self.step()
                 self.rounds += 1
             except (OSError, http.client.HTTPException):
-                self.rounds += 1  # the daemon hung up on a misbehaving client: expected
+                # The daemon hung up on a misbehaving client, or its backlog was full
+                # during a flood: expected. A pause, so that a refusal is no busy loop.
+                self.rounds += 1
+                self.stopping.wait(0.05)
             except Exception as exc:
                 self.errors.append(f"{self.name}: {exc!r}")
                 self.stopping.wait(0.5)
