@@ -52,8 +52,10 @@ KNOWN_ACTIONS: Mapping[str, Effect] = MappingProxyType(
         "create": Effect.INSPECT,
         "start": Effect.INSPECT,
         "restart": Effect.INSPECT,
-        "stop": Effect.INSPECT,
-        "kill": Effect.INSPECT,
+        # A signal changes nothing by itself: if the container ends, `die` follows;
+        # `stop` comes after that `die`. Looking again would only cost an inspect.
+        "stop": Effect.NONE,
+        "kill": Effect.NONE,
         "die": Effect.INSPECT,
         "oom": Effect.INSPECT,
         "pause": Effect.INSPECT,
