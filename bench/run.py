@@ -206,8 +206,12 @@ def _load() -> str:
     return f"{one:.2f} (1 min), {five:.2f} (5 min)"
 
 
-def environment(load_at_start: str) -> str:
+def environment(load_at_start: str, version_at_start: str) -> str:
     import docker
+
+    version = _supervisor_version()
+    if version != version_at_start:  # somebody committed while the benchmarks ran
+        version = f"{version_at_start} at the start; {version} at the end"
 
     rows = [
         ("date", datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")),
@@ -218,12 +222,14 @@ def environment(load_at_start: str) -> str:
         ("Docker engine", _first_line(["dockerd", "--version"])),
         ("containerd", _first_line(["containerd", "--version"])),
         ("docker-py", docker.__version__),
-        ("homelabarr-supervisor", _supervisor_version()),
+        ("homelabarr-supervisor", version),
     ]
     return "\n".join(["| | |", "|---|---|", *(f"| {k} | {v} |" for k, v in rows)])
 
 
-def render(sections: Sequence[Section], options: Options, argv: Sequence[str], load: str) -> str:
+def render(
+    sections: Sequence[Section], options: Options, argv: Sequence[str], load: str, version: str
+) -> str:
     checks = [c for s in sections for c in s.checks]
     missed = sum(c.passed is False for c in checks)
     parts = [
@@ -233,7 +239,7 @@ def render(sections: Sequence[Section], options: Options, argv: Sequence[str], l
         f" (scale {options.containers} containers{', quick' if options.quick else ''})."
         " Every figure comes from this one run, on private dockerd instances started for it.",
         "",
-        environment(load),
+        environment(load, version),
         "",
         "## Targets",
         "",
@@ -293,14 +299,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if os.geteuid() != 0:
         parser.error("run as root: each benchmark starts a private dockerd")
 
-    load = _load()
+    load, version = _load(), _supervisor_version()
     sections: list[Section] = []
     for name in names:
         log(f"== {name}")
         runner: Callable[[str, Options], Section] = run_ours if name in OURS else run_theirs
         sections.append(runner(name, options))
         log(f"== {name} done in {sections[-1].seconds:.0f} s")
-    report = render(sections, options, args_list, load)
+    report = render(sections, options, args_list, load, version)
     args.output.write_text(report)
     print(report)
     log(f"report written to {args.output}")
