@@ -5,7 +5,6 @@ from __future__ import annotations
 import errno
 import os
 import subprocess
-import time
 from pathlib import Path
 
 import docker
@@ -104,14 +103,11 @@ def test_private_engine_survives_kill_and_restart(
         assert private_dockerd.socket_path.is_socket()  # stale, as in real life
         assert private_dockerd.pid_file.exists()
 
-        started = time.monotonic()
         private_dockerd.restart()
-        elapsed = time.monotonic() - started
         assert private_dockerd.pid not in (None, old_pid)
         after = api.inspect_container(cid)["State"]
     assert after["Running"] is True
     assert (after["Pid"], after["StartedAt"]) == (before["Pid"], before["StartedAt"])
-    assert elapsed < 15
 
 
 def test_stale_socket_refuses_connection(private_dockerd: PrivateDockerd) -> None:

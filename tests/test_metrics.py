@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import shutil
-import statistics
 import subprocess
-import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -500,23 +498,22 @@ def test_subscribers_and_overflows_are_read_from_the_change_feed() -> None:
 # -- speed and promtool ----------------------------------------------------------------------
 
 
-def test_rendering_1000_containers_takes_a_few_milliseconds() -> None:
-    """1,000 mirrored containers: the first scrape within 100 ms (a loaded CI box), the next ones within 10 ms."""
+def test_rendering_1000_containers_follows_each_change() -> None:
+    """1,000 mirrored containers: every one exposed, and a single change shows in the next scrape.
+
+    (How fast this is lives in bench/bench_metrics.py, not in a test.)
+    """
     runtime = make_runtime()
     for n in range(1000):
         runtime.cache.upsert(record(n, health="healthy" if n % 3 else None, restarts=n % 5))
-    started = time.perf_counter()
     body = runtime.metrics.render()[0]
-    cold = time.perf_counter() - started
     assert body.count(b"\n" + PREFIX.encode() + b"container_info{") == 1000
-    warm = []
     for n in range(20):
         runtime.cache.upsert(record(n, restarts=100 + n))  # one change per scrape
-        started = time.perf_counter()
-        runtime.metrics.render()
-        warm.append(time.perf_counter() - started)
-    assert cold < 0.100, f"first scrape took {cold * 1000:.1f} ms"
-    assert statistics.median(warm) < 0.010, f"scrapes took {statistics.median(warm) * 1000:.1f} ms"
+        lines = runtime.metrics.render()[0].decode().splitlines()
+        restarts = [line for line in lines if line.startswith(PREFIX + "container_restart_count{")]
+        assert len(restarts) == 1000
+        assert sum(line.endswith(f" {100 + n}.0") for line in restarts) == 1
 
 
 def promtool_problems(body: bytes) -> list[str]:
