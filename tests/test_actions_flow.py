@@ -78,22 +78,22 @@ class FakeSession:
         self.gateway.closed += 1
 
     async def ping(self) -> None:
-        raise NotImplementedError
+        raise AssertionError("an action must not call ping")
 
     async def list_ids(self) -> list[str]:
-        raise NotImplementedError
+        raise AssertionError("an action must not call list_ids")
 
     async def inspect(self, container_id: str) -> None:
-        raise NotImplementedError
+        raise AssertionError("an action must not call inspect")
 
     async def stats(self, container_id: str) -> None:
-        raise NotImplementedError
+        raise AssertionError("an action must not call stats")
 
     async def open_events(self) -> Any:
-        raise NotImplementedError
+        raise AssertionError("an action must not call open_events")
 
     async def open_logs(self, container_id: str, **options: Any) -> Any:
-        raise NotImplementedError
+        raise AssertionError("an action must not call open_logs")
 
 
 @dataclass
