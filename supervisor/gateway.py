@@ -267,7 +267,9 @@ def classify(
         if isinstance(link, FileNotFoundError):
             kind = ErrorKind.SOCKET_MISSING
             break
-        if isinstance(link, ConnectionRefusedError):
+        if isinstance(link, ConnectionRefusedError | ConnectionResetError | BrokenPipeError):
+            # A reset or a broken pipe is Docker going away mid-conversation (killed,
+            # restarting): to the operator the same as nothing answering.
             kind = ErrorKind.CONNECTION_REFUSED
             break
         if isinstance(link, TimeoutError | requests.exceptions.Timeout):

@@ -98,6 +98,20 @@ async def test_stale_socket_is_connection_refused(short_tmp: Path) -> None:
         assert "Docker is stopped or restarting" in f.remedy
 
 
+def test_connection_reset_mid_answer_is_connection_refused() -> None:
+    """Docker killed mid-answer (a reset inside a requests chain) reads as connection_refused."""
+    import requests.exceptions
+    import urllib3.exceptions
+
+    reset = ConnectionResetError(104, "Connection reset by peer")
+    chain = requests.exceptions.ConnectionError(
+        urllib3.exceptions.ProtocolError("Connection aborted.", reset)
+    )
+    failure = classify(chain, Endpoint("unix:///run/docker.sock", "/run/docker.sock"))
+    assert failure.kind is ErrorKind.CONNECTION_REFUSED
+    assert "Docker is stopped or restarting" in failure.remedy
+
+
 def test_constructed_permission_chain_is_permission_denied(short_tmp: Path) -> None:
     """A PermissionError deep in a requests/docker-py chain (in args and __context__) is found."""
     path = short_tmp / "docker.sock"
