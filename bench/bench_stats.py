@@ -47,14 +47,12 @@ from prometheus_client.metrics_core import Metric  # noqa: E402
 from prometheus_client.registry import Collector  # noqa: E402
 
 from supervisor.access import resolve_endpoint  # noqa: E402
-from supervisor.broadcast import ChangeFeed  # noqa: E402
-from supervisor.cache import Cache, dumps  # noqa: E402
+from supervisor.cache import dumps  # noqa: E402
+from supervisor.daemon import build_runtime  # noqa: E402
 from supervisor.gateway import DockerGateway  # noqa: E402
 from supervisor.sampler import Sampler  # noqa: E402
 from supervisor.settings import DockerSettings, Settings, StatsSettings  # noqa: E402
-from supervisor.state import Backoff, ConnectionMachine  # noqa: E402
-from supervisor.stats import StatsStore, collect  # noqa: E402
-from supervisor.watcher import Watcher  # noqa: E402
+from supervisor.stats import collect  # noqa: E402
 from tests.dockerd import ContainerFactory, PrivateDockerd, build_test_image  # noqa: E402
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -122,18 +120,10 @@ async def measure(engine: PrivateDockerd, ids: list[str], window: float) -> list
     def make_gateway() -> DockerGateway:
         return DockerGateway(settings.docker, resolve_endpoint(settings.docker, {}))
 
-    cache = Cache(settings.watch.history_size)
-    machine = ConnectionMachine(Backoff(settings.backoff), now=time.time())
-    feed = ChangeFeed()
-    watcher = Watcher(
-        make_gateway=make_gateway,
-        machine=machine,
-        cache=cache,
-        feed=feed,
-        docker_settings=settings.docker,
-        watch_settings=settings.watch,
-    )
-    store = StatsStore(cache)
+    # The daemon's own runtime (no API); samplers of varying settings are added below.
+    runtime = build_runtime(settings, environ={})
+    cache, machine, feed, watcher = runtime.cache, runtime.machine, runtime.feed, runtime.watcher
+    store = runtime.stats
 
     def sampler_with(interval: float, concurrency: int) -> Sampler:
         return Sampler(
